@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine: `make repro` (the study) and `make test`.
+# Both bootstrap a .venv (CPU torch, pinned packages) and the default dataset when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+# The machine's pip config lists index folders that do not exist for every package: hide that noise.
+PIP_QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
+
+.PHONY: venv data test repro bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt $(PIP_QUIET)
+	$(PY) -m pip install -q -c constraints.txt --no-deps --no-build-isolation -e . $(PIP_QUIET)
+	@touch $@
+
+data:
+	@if [ -d $(FASHION_DIR) ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "Installing Debian's dataset-fashion-mnist into $(FASHION_DIR)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	else echo "warning: $(FASHION_DIR) is missing and apt-get is unavailable; the data loader will try to download it" >&2; fi
+
+test: venv data
+	$(PY) -m pytest -q tests
+
+repro: venv data
+	$(VENV)/bin/dvc repro
+
+bench: venv
+	$(PY) -m hiap_core.bench
+
+clean-venv:
+	rm -rf $(VENV)

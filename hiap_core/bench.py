@@ -1,0 +1,193 @@
+"""Core benchmark (`make bench`): gated vs dense training step, extracted vs dense inference.
+
+Writes `reports/benchmarks/core.json`. Timings alternate between the compared models inside one run,
+so machine noise hits both alike; ratios are what to read, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import torchvision_compat  # noqa: F401  (before timm)
+from .arch import describe
+from .cost import count_macs
+from .extract import extract
+from .gated_vit import gate_vit, gated_blocks, set_gate_state
+
+
+def cifar_vit_tiny(num_classes: int = 10) -> nn.Module:
+    """The paper's CIFAR-10 ViT-Tiny: img 32, patch 4, embed 192, depth 6, 3 heads, mlp 768."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, num_classes=num_classes)
+
+
+def random_feasible_state(gated: nn.Module, macs_fraction: float, seed: int = 0) -> list[dict]:
+    """A random gate state whose hard MACs are `macs_fraction` of dense (within 0.5%), keeping at least one
+    head with one value dim per layer. One uniform draw per unit; a unit is kept iff its draw < r, and
+    r is bisected, so states are nested and MACs are monotone in r."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = gated_blocks(gated)
+    draws = [
+        {
+            "heads": torch.rand(a.num_heads, generator=gen),
+            "values": torch.rand(a.num_heads, a.head_dim, generator=gen),
+            "ffn": torch.rand((), generator=gen),
+            "neurons": torch.rand(m.fc1.out_features, generator=gen),
+        }
+        for a, m in blocks
+    ]
+    first_head = [int(d["heads"].argmin()) for d in draws]
+
+    def state(r: float) -> list[dict]:
+        out = []
+        for d, h0 in zip(draws, first_head):
+            heads = d["heads"] < r
+            heads[h0] = True
+            values = d["values"] < r
+            values[h0, d["values"][h0].argmin()] = True
+            out.append({"heads": heads, "values": values, "ffn": d["ffn"] < 0.5 + r / 2, "neurons": d["neurons"] < r})
+        return out
+
+    dense = count_macs(describe(gated).dense())
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        set_gate_state(gated, state(mid))
+        lo, hi = (mid, hi) if count_macs(gated) / dense < macs_fraction else (lo, mid)
+    set_gate_state(gated, state(hi))
+    got = count_macs(gated) / dense
+    if abs(got - macs_fraction) > 0.005:
+        raise ValueError(f"could not reach {macs_fraction:.3f} of dense MACs with this model (got {got:.4f})")
+    return state(hi)
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Run each callable once per round, in turn, and return its wall times (seconds)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_time(fn))
+    return times
+
+
+def bench_training(batch: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    dense = cifar_vit_tiny().train()
+    gated = gate_vit(copy.deepcopy(dense)).train()
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+    def step_fn(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return step
+
+    times = alternate({"dense": step_fn(dense), "gated": step_fn(gated)}, rounds)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "model": "cifar_vit_tiny",
+        "batch": batch,
+        "rounds": rounds,
+        "dense_step_s": med["dense"],
+        "gated_step_s": med["gated"],
+        "ratio_gated_over_dense": med["gated"] / med["dense"],
+        "target_ratio_max": 1.10,
+    }
+
+
+def bench_inference(macs_fractions: list[float], batches: dict[int, int]) -> list[dict]:
+    torch.manual_seed(0)
+    dense = cifar_vit_tiny().eval()
+    dense_macs = count_macs(dense)
+    rows = []
+    for fraction in macs_fractions:
+        gated = gate_vit(copy.deepcopy(dense)).eval()
+        set_gate_state(gated, random_feasible_state(gated, fraction))
+        pruned = extract(gated)
+        pruned_macs = count_macs(pruned)
+        for batch, runs in batches.items():
+            x = torch.randn(batch, 3, 32, 32)
+            with torch.inference_mode():
+                times = alternate({"dense": lambda: dense(x), "pruned": lambda: pruned(x)}, runs, warmup=5)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            speedup = med["dense"] / med["pruned"]
+            rows.append(
+                {
+                    "macs_cut": 1 - pruned_macs / dense_macs,
+                    "dense_macs": dense_macs,
+                    "pruned_macs": pruned_macs,
+                    "batch": batch,
+                    "runs": runs,
+                    "dense_ms": 1e3 * med["dense"],
+                    "pruned_ms": 1e3 * med["pruned"],
+                    "speedup": speedup,
+                    "mac_ratio": dense_macs / pruned_macs,
+                    "speedup_over_mac_ratio": speedup / (dense_macs / pruned_macs),
+                    "target_speedup_over_mac_ratio_min": 0.95 if batch > 1 else 0.85,
+                }
+            )
+    return rows
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    cpu = names[0] if names else platform.processor()
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/core.json"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train-batch", type=int, default=128)
+    parser.add_argument("--train-rounds", type=int, default=10)
+    parser.add_argument("--batch1-runs", type=int, default=50)
+    parser.add_argument("--batch64-runs", type=int, default=20)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = {
+        "machine": machine(),
+        "training_step": bench_training(args.train_batch, args.train_rounds),
+        "inference": bench_inference([0.67, 0.50], {1: args.batch1_runs, 64: args.batch64_runs}),
+    }
+    write_json(result, args.out)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Gated drop-ins for timm's `Attention` and `Mlp` (DESIGN.md, "Where the gates act").
+
+The drop-ins adopt the timm module's own sub-modules (`qkv`, `proj`, `fc1`, `fc2`, ...), so parameter
+names do not change and a timm state dict loads into a gated model unchanged. Four gate families per
+block: `attn.head_gate` (macro), `attn.value_gate` (micro, heads * head_dim), `mlp.block_gate`
+(macro, one unit), `mlp.neuron_gate` (micro).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gates import GumbelSigmoidGate
+
+
+class GatedAttention(nn.Module):
+    """`o_h = g[h] * softmax(q_h k_h^T * scale) (v_h * d[h, :])`; Q and K keep the full head dim."""
+
+    def __init__(self, attn: nn.Module, init_logit: float, tau: float):
+        super().__init__()
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.attn_dim, self.scale, self.fused_attn = attn.attn_dim, attn.scale, attn.fused_attn
+        self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
+        self.attn_drop, self.norm, self.proj, self.proj_drop = attn.attn_drop, attn.norm, attn.proj, attn.proj_drop
+        self.head_gate = GumbelSigmoidGate(self.num_heads, init_logit, tau)
+        self.value_gate = GumbelSigmoidGate(self.num_heads * self.head_dim, init_logit, tau)
+
+    def value_mask(self) -> torch.Tensor:
+        """(heads, head_dim) multiplier of the value path: sampled in training, hard in eval."""
+        return self.head_gate()[:, None] * self.value_gate().view(self.num_heads, self.head_dim)
+
+    def hard_value_mask(self) -> torch.Tensor:
+        """Hardened (heads, head_dim) bool mask; a head whose every value dim is closed is dead."""
+        return self.head_gate.hard()[:, None] & self.value_gate.hard().view(self.num_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        v = v * self.value_mask()[None, :, None, :].to(v.dtype)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(self.proj(x))
+
+
+class GatedMlp(nn.Module):
+    """`y = b * ((act(x W1 + b1) * c) W2 + b2)`: a closed block gate removes the FFN, bias included."""
+
+    def __init__(self, mlp: nn.Module, init_logit: float, tau: float):
+        super().__init__()
+        self.fc1, self.act, self.drop1, self.norm = mlp.fc1, mlp.act, mlp.drop1, mlp.norm
+        self.fc2, self.drop2 = mlp.fc2, mlp.drop2
+        self.block_gate = GumbelSigmoidGate(1, init_logit, tau)
+        self.neuron_gate = GumbelSigmoidGate(self.fc1.out_features, init_logit, tau)
+
+    def hard_block_open(self) -> bool:
+        return bool(self.block_gate.hard()[0])
+
+    def hard_neuron_mask(self) -> torch.Tensor:
+        return self.neuron_gate.hard()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.drop1(self.act(self.fc1(x))))
+        y = self.drop2(self.fc2(h * self.neuron_gate().to(h.dtype)))
+        return y * self.block_gate().to(y.dtype)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How gates are created. `init_logit` > 0 starts every unit open (p = sigmoid(init_logit))."""
+
+    init_logit: float = 3.0
+    tau: float = 2.0
+
+    def __post_init__(self):
+        if not math.isfinite(self.init_logit):
+            raise ValueError(f"init_logit must be finite, got {self.init_logit}")
+        if not math.isfinite(self.tau) or self.tau <= 0:
+            raise ValueError(f"tau (gate temperature) must be a finite number > 0, got {self.tau}")
+
+
+def gate_vit(model: nn.Module, **cfg) -> nn.Module:
+    """Replace every `Attention`/`Mlp` of a timm ViT with gated drop-ins, in place; returns the model.
+
+    Keyword arguments are `GateConfig` fields (`init_logit`, `tau`). Parameters are shared with the
+    source modules, not copied: gate a `copy.deepcopy` if the dense model must stay dense (teacher).
+    """
+    from .arch import check_vit
+
+    unknown = set(cfg) - set(GateConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"gate_vit got unknown options {sorted(unknown)}; valid: {sorted(GateConfig.__dataclass_fields__)}")
+    config = GateConfig(**{k: float(v) for k, v in cfg.items()})
+    check_vit(model)
+    if is_gated(model):
+        raise ValueError("gate_vit: the model is already gated")
+    for blk in model.blocks:
+        blk.attn = GatedAttention(blk.attn, config.init_logit, config.tau)
+        blk.mlp = GatedMlp(blk.mlp, config.init_logit, config.tau)
+    return model
+
+
+def is_gated(model: nn.Module) -> bool:
+    return any(isinstance(m, (GatedAttention, GatedMlp)) for m in model.modules())
+
+
+def gated_blocks(model: nn.Module) -> list[tuple[GatedAttention, GatedMlp]]:
+    """(attention, mlp) drop-ins of each block, in depth order; TypeError if the model is not gated."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(isinstance(b.attn, GatedAttention) and isinstance(b.mlp, GatedMlp) for b in blocks):
+        raise TypeError("expected a model returned by hiap_core.gate_vit (every block gated)")
+    return [(b.attn, b.mlp) for b in blocks]
+
+
+def gates(model: nn.Module) -> list[GumbelSigmoidGate]:
+    return [m for m in model.modules() if isinstance(m, GumbelSigmoidGate)]
+
+
+def set_temperature(model: nn.Module, tau: float) -> None:
+    for gate in gates(model):
+        gate.tau = tau
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The gate logits (optimised with their own learning rate and no weight decay)."""
+    return [g.logits for g in gates(model)]
+
+
+@torch.no_grad()
+def set_gate_state(model: nn.Module, state: list[dict], magnitude: float = 10.0) -> None:
+    """Set logits to +-magnitude so the hardened state equals `state`.
+
+    `state[l]` holds bool tensors `heads` (H,), `values` (H, head_dim), `ffn` (scalar), `neurons` (hidden,);
+    a missing key keeps that family fully open. Used by baselines and tests.
+    """
+    if not math.isfinite(magnitude) or magnitude <= 0:
+        raise ValueError(f"magnitude must be a finite number > 0, got {magnitude}")
+    blocks = gated_blocks(model)
+    if len(state) != len(blocks):
+        raise ValueError(f"gate state has {len(state)} layers but the model has {len(blocks)}")
+    for i, ((attn, mlp), layer) in enumerate(zip(blocks, state)):
+        unknown = set(layer) - {"heads", "values", "ffn", "neurons"}
+        if unknown:
+            raise ValueError(f"gate state layer {i}: unknown keys {sorted(unknown)}")
+        targets = (
+            (attn.head_gate, "heads", (attn.num_heads,)),
+            (attn.value_gate, "values", (attn.num_heads, attn.head_dim)),
+            (mlp.block_gate, "ffn", ()),
+            (mlp.neuron_gate, "neurons", (mlp.fc1.out_features,)),
+        )
+        for gate, key, shape in targets:
+            mask = torch.as_tensor(layer.get(key, True), dtype=torch.bool)
+            if mask.dim() == 0 and key != "ffn":
+                mask = mask.expand(shape)
+            if tuple(mask.shape) != shape:
+                raise ValueError(f"gate state layer {i} '{key}' has shape {tuple(mask.shape)}, expected {shape}")
+            gate.logits.copy_(torch.where(mask.reshape(-1), magnitude, -magnitude))
+
+
+def hard_gate_state(model: nn.Module) -> list[dict]:
+    """The hardened gates per layer (same keys as `set_gate_state`), for logging and tests."""
+    return [
+        {
+            "heads": attn.head_gate.hard().clone(),
+            "values": attn.value_gate.hard().view(attn.num_heads, attn.head_dim).clone(),
+            "ffn": mlp.block_gate.hard()[0].clone(),
+            "neurons": mlp.neuron_gate.hard().clone(),
+        }
+        for attn, mlp in gated_blocks(model)
+    ]

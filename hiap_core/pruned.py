@@ -1,0 +1,223 @@
+"""`PrunedViT`: a plain ViT with per-layer head counts, per-head value widths and FFN widths.
+
+No gates, no masks, no timm: it depends on torch and `arch.ViTSpec` only, so a saved model loads
+without the training code. Parameter names follow timm's `VisionTransformer` (`patch_embed.proj`,
+`blocks.{i}.attn.qkv`, `blocks.{i}.mlp.fc1`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .arch import LayerSpec, ViTSpec
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+ARCH_FILE = "architecture.json"
+
+
+class BiasOnly(nn.Module):
+    """A branch whose every unit was pruned but whose output bias survives: adds a constant."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand_as(x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class PrunedAttention(nn.Module):
+    """Heads sorted by value width; each group of equal width runs as one batched attention (no padding).
+
+    `qkv` produces [Q of all heads | K of all heads | V of all heads, head after head].
+    """
+
+    def __init__(self, dim: int, head_dim: int, value_dims: tuple[int, ...], qkv_bias: bool, proj_bias: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = len(value_dims), head_dim
+        self.scale = head_dim**-0.5
+        self.qk_dim, self.v_dim = 2 * self.num_heads * head_dim, sum(value_dims)
+        self.fused_attn = True
+        self.groups: list[tuple[int, int, int, int]] = []  # (first head, last head + 1, width, first V column)
+        start, col = 0, 0
+        for h in range(1, self.num_heads + 1):
+            if h == self.num_heads or value_dims[h] != value_dims[start]:
+                self.groups.append((start, h, value_dims[start], col))
+                col += (h - start) * value_dims[start]
+                start = h
+        self.qkv = nn.Linear(dim, self.qk_dim + self.v_dim, bias=qkv_bias)
+        self.proj = nn.Linear(self.v_dim, dim, bias=proj_bias)
+
+    def _attend(self, q, k, v):
+        if self.fused_attn:
+            return F.scaled_dot_product_attention(q, k, v)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qk, v = self.qkv(x).split([self.qk_dim, self.v_dim], dim=-1)
+        q, k = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        outs = []
+        for h0, h1, width, col in self.groups:
+            n = h1 - h0
+            vg = v[..., col : col + n * width].reshape(B, N, n, width).transpose(1, 2)
+            og = self._attend(q[:, h0:h1], k[:, h0:h1], vg)
+            outs.append(og.transpose(1, 2).reshape(B, N, n * width))
+        return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1))
+
+
+class PrunedMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act_approximate: str, fc1_bias: bool, fc2_bias: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=fc1_bias)
+        self.act = nn.GELU(approximate=act_approximate)
+        self.fc2 = nn.Linear(hidden, dim, bias=fc2_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PrunedBlock(nn.Module):
+    """Pre-norm residual block whose attention/FFN branch is a real module, a bias-only add, or absent."""
+
+    def __init__(self, spec: ViTSpec, layer: LayerSpec):
+        super().__init__()
+        dim = spec.embed_dim
+        self.norm1 = self.attn = self.ls1 = self.norm2 = self.mlp = self.ls2 = None
+        if layer.heads:
+            self.norm1 = nn.LayerNorm(dim, eps=spec.norm_eps)
+            self.attn = PrunedAttention(dim, spec.head_dim, layer.value_dims, spec.qkv_bias, spec.proj_bias)
+        elif spec.proj_bias:
+            self.attn = BiasOnly(dim)
+        if self.attn is not None and spec.layer_scale:
+            self.ls1 = LayerScale(dim)
+        if layer.mlp_hidden:
+            self.norm2 = nn.LayerNorm(dim, eps=spec.norm_eps)
+            self.mlp = PrunedMlp(dim, layer.mlp_hidden, spec.act_approximate, spec.fc1_bias, spec.fc2_bias)
+        elif layer.mlp_hidden == 0 and spec.fc2_bias:
+            self.mlp = BiasOnly(dim)
+        if self.mlp is not None and spec.layer_scale:
+            self.ls2 = LayerScale(dim)
+
+    @staticmethod
+    def _residual(x, norm, branch, scale):
+        if branch is None:
+            return x
+        y = branch.bias if norm is None else branch(norm(x))
+        return x + (y if scale is None else scale(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._residual(x, self.norm1, self.attn, self.ls1)
+        return self._residual(x, self.norm2, self.mlp, self.ls2)
+
+
+def _norm(spec: ViTSpec, enabled: bool) -> nn.Module:
+    return nn.LayerNorm(spec.embed_dim, eps=spec.norm_eps) if enabled else nn.Identity()
+
+
+class PrunedViT(nn.Module):
+    def __init__(self, spec: ViTSpec):
+        super().__init__()
+        self.spec = spec
+        dim = spec.embed_dim
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(
+            spec.in_chans, dim, kernel_size=spec.patch_size, stride=spec.patch_size, bias=spec.patch_bias
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if spec.class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, spec.reg_tokens, dim)) if spec.reg_tokens else None
+        pos_len = spec.num_patches + (0 if spec.no_embed_class else spec.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, dim))
+        self.norm_pre = _norm(spec, spec.pre_norm)
+        self.blocks = nn.Sequential(*(PrunedBlock(spec, layer) for layer in spec.layers))
+        self.norm = _norm(spec, spec.final_norm)
+        self.fc_norm = _norm(spec, spec.fc_norm)
+        self.head = nn.Linear(dim, spec.num_classes) if spec.num_classes else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.spec.no_embed_class:
+            x = torch.cat(prefix + [x + self.pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(self.norm_pre(x)))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, self.spec.num_prefix_tokens :].mean(dim=1) if self.spec.global_pool == "avg" else x[:, 0]
+        return self.head(self.fc_norm(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def set_fused_attention(model: nn.Module, enabled: bool) -> None:
+    """Switch every attention of a model (timm, gated or pruned) between SDPA and explicit matmuls."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pruned(model: PrunedViT, path: str | os.PathLike) -> Path:
+    """Write `path/model.safetensors` and `path/architecture.json` (each atomically); returns `path`."""
+    if not isinstance(model, PrunedViT):
+        raise TypeError(f"save_pruned expects a PrunedViT (from hiap_core.extract), got {type(model).__name__}")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    arch = {"format": "hiap-pruned-vit", "format_version": FORMAT_VERSION, "spec": model.spec.to_dict()}
+    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
+    _atomic_write(folder / ARCH_FILE, lambda tmp: Path(tmp).write_text(json.dumps(arch, indent=1)))
+    return folder
+
+
+def load_pruned(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> PrunedViT:
+    """Load a model written by `save_pruned` (eval mode)."""
+    folder = Path(path)
+    weights, arch_file = folder / WEIGHTS_FILE, folder / ARCH_FILE
+    for f in (weights, arch_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: expected a folder written by hiap_core.save_pruned")
+    try:
+        arch = json.loads(arch_file.read_text())
+        if arch.get("format") != "hiap-pruned-vit" or arch.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format {arch.get('format')!r} v{arch.get('format_version')}")
+        spec = ViTSpec.from_dict(arch["spec"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{arch_file} is not a valid hiap-pruned-vit v{FORMAT_VERSION} architecture: {err}") from err
+    model = PrunedViT(spec)
+    try:
+        state = load_file(str(weights), device=str(map_location))
+        model.load_state_dict(state)
+    except Exception as err:
+        raise ValueError(f"{weights} does not match {arch_file} (corrupt or mixed-up files): {err}") from err
+    return model.eval()

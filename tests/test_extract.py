@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import hiap_core
+from conftest import TINY_VARIANTS, cifar_vit_tiny, gate_states, gated_copy, make_vit
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_extracted_model_equals_hardened_gated_model_and_survives_save_load(data, tmp_path_factory):
+    variant = data.draw(st.sampled_from(sorted(TINY_VARIANTS)))
+    fused = data.draw(st.booleans())
+    gated = gated_copy(make_vit(**TINY_VARIANTS[variant]))
+    hiap_core.set_gate_state(gated, data.draw(gate_states(depth=2, heads=3, head_dim=8, hidden=48)))
+    pruned = hiap_core.extract(gated)
+    hiap_core.set_fused_attention(pruned, fused)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        reference = gated(x)
+        out = pruned(x)
+        assert (out - reference).abs().max() <= 1e-5
+        loaded = hiap_core.load_pruned(hiap_core.save_pruned(pruned, tmp_path_factory.mktemp("pruned")))
+        hiap_core.set_fused_attention(loaded, fused)
+        assert torch.equal(loaded(x), out)
+    assert not any(p.requires_grad is False for p in pruned.parameters())
+    assert sum(p.numel() for p in pruned.parameters()) == hiap_core.count_params(hiap_core.describe(gated))
+
+
+def test_extraction_of_cifar_vit_tiny_with_heterogeneous_widths():
+    torch.manual_seed(0)
+    gated = gated_copy(cifar_vit_tiny())
+    state = [
+        {"heads": torch.tensor([True, True, True]), "values": torch.rand(3, 64) < torch.tensor([[0.2], [0.5], [0.9]]), "neurons": torch.rand(768) < 0.4, "ffn": torch.tensor(layer != 5)}
+        for layer in range(6)
+    ]
+    hiap_core.set_gate_state(gated, state)
+    pruned = hiap_core.extract(gated)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (pruned(x) - gated(x)).abs().max() <= 1e-5
+    assert pruned.blocks[5].mlp is None  # closed FFN block removed, bias included
+    widths = [w for _, _, w, _ in pruned.blocks[0].attn.groups]
+    assert widths == sorted(widths) and len(widths) == len(set(widths))
+
+
+def test_structure_summary_per_layer_and_totals():
+    gated = gated_copy(cifar_vit_tiny())
+    state = [{} for _ in range(6)]
+    state[1] = {"heads": torch.tensor([True, False, True])}
+    state[2] = {"ffn": torch.tensor(False)}
+    state[3] = {"neurons": torch.arange(768) < 100}
+    state[4] = {"values": torch.arange(64).expand(3, 64) < 16}
+    hiap_core.set_gate_state(gated, state)
+    table = hiap_core.structure_summary(gated)
+    layers, total = table.iloc[:-1], table.iloc[-1]
+    assert list(layers["heads"]) == [3, 2, 3, 3, 3, 3]
+    assert list(layers["ffn_on"]) == [True, True, False, True, True, True]
+    assert list(layers["neurons"]) == [768, 768, 0, 100, 768, 768]
+    assert layers["value_dims"][4] == [16, 16, 16]
+    pruned = hiap_core.extract(gated)
+    assert total["layer"] == "total"
+    assert total["macs"] == hiap_core.count_macs(pruned)
+    assert total["macs_no_attn_matmul"] == hiap_core.count_macs(pruned, attention_matmuls=False)
+    assert total["params"] == sum(p.numel() for p in pruned.parameters())
+    assert layers["params"].sum() == sum(p.numel() for p in pruned.blocks.parameters())
+    assert hiap_core.structure_summary(pruned).equals(table)
+    dense = hiap_core.structure_summary(cifar_vit_tiny()).iloc[-1]
+    assert dense["macs"] == 182_849_664 and dense["params"] == sum(p.numel() for p in cifar_vit_tiny().parameters())
+
+
+def test_extract_keeps_dtype_and_device():
+    gated = gated_copy(make_vit()).double()
+    pruned = hiap_core.extract(gated)
+    assert {p.dtype for p in pruned.parameters()} == {torch.float64}
+
+
+def test_save_is_atomic_and_load_errors_are_clear(tmp_path):
+    pruned = hiap_core.extract(gated_copy(make_vit()))
+    folder = hiap_core.save_pruned(pruned, tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir()) == ["architecture.json", "model.safetensors"]
+    with pytest.raises(FileNotFoundError, match="save_pruned"):
+        hiap_core.load_pruned(tmp_path / "missing")
+    arch = json.loads((folder / "architecture.json").read_text())
+    arch["spec"]["embed_dim"] = 32
+    (folder / "architecture.json").write_text(json.dumps(arch))
+    with pytest.raises(ValueError, match="does not match"):
+        hiap_core.load_pruned(folder)
+    (folder / "architecture.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid"):
+        hiap_core.load_pruned(folder)
+    with pytest.raises(TypeError, match="PrunedViT"):
+        hiap_core.save_pruned(make_vit(), tmp_path / "dense")
+
+
+def test_load_pruned_needs_no_training_code(tmp_path):
+    import subprocess
+    import sys
+
+    folder = hiap_core.save_pruned(hiap_core.extract(gated_copy(make_vit())), tmp_path / "m")
+    code = (
+        "import sys, torch; sys.modules['timm'] = None\n"  # any timm import would now fail
+        "from hiap_core.pruned import load_pruned\n"
+        f"m = load_pruned({str(folder)!r}); print(m(torch.zeros(1, 3, 16, 16)).shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([1, 5])" in result.stdout
