@@ -66,21 +66,20 @@ class PrunedAttention(nn.Module):
         self.qkv = nn.Linear(dim, self.qk_dim + self.v_dim, bias=qkv_bias)
         self.proj = nn.Linear(self.v_dim, dim, bias=proj_bias)
 
-    def _attend(self, q, k, v):
-        if self.fused_attn:
-            return F.scaled_dot_product_attention(q, k, v)
-        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         qk, v = self.qkv(x).split([self.qk_dim, self.v_dim], dim=-1)
         q, k = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn and self.groups == [(0, self.num_heads, self.head_dim, 0)]:
+            # Every head at full width: torch's fused kernel applies (it has no fast path for other widths).
+            out = F.scaled_dot_product_attention(q, k, v.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2))
+            return self.proj(out.transpose(1, 2).reshape(B, N, self.v_dim))
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # all heads at once
         outs = []
         for h0, h1, width, col in self.groups:
             n = h1 - h0
             vg = v[..., col : col + n * width].reshape(B, N, n, width).transpose(1, 2)
-            og = self._attend(q[:, h0:h1], k[:, h0:h1], vg)
-            outs.append(og.transpose(1, 2).reshape(B, N, n * width))
+            outs.append((attn[:, h0:h1] @ vg).transpose(1, 2).reshape(B, N, n * width))
         return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1))
 
 
