@@ -1,6 +1,8 @@
-"""Core benchmark (`make bench`): gated vs dense training step, extracted vs dense inference.
+"""Benchmarks (`make bench`). `core`: gated vs dense training step and extracted vs dense inference
+(CIFAR ViT-Tiny) -> `reports/benchmarks/core.json`. `train`: images/s of the loader alone and of dense
+and HiAP training steps on the default params.yaml model and data -> `reports/benchmarks/train.json`.
 
-Writes `reports/benchmarks/core.json`. Timings alternate between the compared models inside one run,
+Timings alternate between the compared models inside one run,
 so machine noise hits both alike; ratios are what to read, not absolute times.
 """
 
@@ -154,6 +156,52 @@ def bench_inference(macs_fractions: list[float], batches: dict[int, int]) -> lis
     return rows
 
 
+def bench_train_loop(params: Path, rounds: int) -> dict:
+    """Loader alone (one full epoch) vs dense and HiAP training steps of the default study model."""
+    from .config import config_from_params
+    from .data import build_loaders
+    from .train import Trainer, build_dense_model, param_groups
+
+    dense_cfg = config_from_params(params, "dense", {"progress": False})
+    hiap_cfg = config_from_params(params, "hiap", {"progress": False, "teacher": "unused"})
+    train_loader, _, _ = build_loaders(dense_cfg.data, dense_cfg.model.img_size, dense_cfg.optim.batch_size, 0)
+    start = time.perf_counter()
+    images = sum(len(y) for _, y in train_loader)
+    loader_images_per_s = images / (time.perf_counter() - start)
+
+    torch.manual_seed(0)
+    dense = build_dense_model(dense_cfg).train()
+    teacher = copy.deepcopy(dense).eval()
+    gated = gate_vit(copy.deepcopy(dense)).train()
+    x, y = next(iter(train_loader))
+
+    def step_fn(model, cfg, teacher_model):
+        trainer = Trainer(cfg)
+        opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            trainer._loss(model, model, teacher_model, x, y)["loss"].backward()
+            opt.step()
+
+        return step
+
+    times = alternate({"dense": step_fn(dense, dense_cfg, None), "hiap": step_fn(gated, hiap_cfg, teacher)}, rounds)
+    per_s = {k: len(y) / statistics.median(v) for k, v in times.items()}
+    return {
+        "dataset": dense_cfg.data.dataset,
+        "model": f"{dense_cfg.model.name} D={dense_cfg.model.embed_dim} depth={dense_cfg.model.depth} patch={dense_cfg.model.patch_size}",
+        "batch": len(y),
+        "train_images": images,
+        "loader_images_per_s": loader_images_per_s,
+        "dense_step_images_per_s": per_s["dense"],
+        "hiap_step_images_per_s": per_s["hiap"],
+        "loader_over_hiap_step_speed": loader_images_per_s / per_s["hiap"],
+        "dense_epoch_s": images / per_s["dense"],
+        "hiap_epoch_s": images / per_s["hiap"],
+    }
+
+
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
@@ -171,7 +219,9 @@ def write_json(data: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/core.json"))
+    parser.add_argument("suites", nargs="*", default=["core", "train"], choices=["core", "train"])
+    parser.add_argument("--out-dir", type=Path, default=Path("reports/benchmarks"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--train-rounds", type=int, default=10)
@@ -179,14 +229,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch64-runs", type=int, default=20)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {
-        "machine": machine(),
-        "training_step": bench_training(args.train_batch, args.train_rounds),
-        "inference": bench_inference([0.67, 0.50], {1: args.batch1_runs, 64: args.batch64_runs}),
-    }
-    write_json(result, args.out)
-    print(json.dumps(result, indent=2))
-    return result
+    results = {}
+    if "core" in args.suites:
+        results["core"] = {
+            "machine": machine(),
+            "training_step": bench_training(args.train_batch, args.train_rounds),
+            "inference": bench_inference([0.67, 0.50], {1: args.batch1_runs, 64: args.batch64_runs}),
+        }
+    if "train" in args.suites:
+        results["train"] = {"machine": machine(), **bench_train_loop(args.params, args.train_rounds)}
+    for name, result in results.items():
+        write_json(result, args.out_dir / f"{name}.json")
+        print(json.dumps(result, indent=2))
+    return results
 
 
 if __name__ == "__main__":

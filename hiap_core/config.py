@@ -1,0 +1,234 @@
+"""The validated run configuration: one dataclass per `params.yaml` group. Every invalid value is
+reported as one line naming the field, before any data is read."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("dense", "hiap", "uniform", "l1_ffn")
+DATASETS = ("fashion_mnist", "cifar10", "imagenet")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    root: str | None = None  # None: the dataset's default places (Debian's package for Fashion-MNIST)
+    download: bool = True  # fetch official files when absent and the network allows
+    checksum: str | None = None  # CIFAR-10 archive md5 override (None: the official archive)
+    train_subset: int | None = None  # deterministic random subset sizes (quick profiles)
+    test_subset: int | None = None
+    augment: bool = True
+    workers: int = 4  # ImageNet loader processes
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"  # "custom": a timm VisionTransformer from the fields below; else a timm model name
+    img_size: int = 28
+    patch_size: int = 4
+    in_chans: int = 1
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    drop_path: float = 0.0
+    pretrained: str | None = None  # checkpoint file for the dense weights/teacher, or "hub" (needs network)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    grad_clip: float = 1.0  # 0: off
+    gate_lr: float = 0.05  # learning rate of the gate logits (HiAP)
+
+
+@dataclass
+class HiAPConfig:
+    lambda_macro: float = 2.0
+    lambda_micro: float = 1.0
+    lambda_feas: float = 1.0
+    tau0: float = 2.0
+    tau_min: float = 0.5
+    init_logit: float = 3.0
+    min_heads: float = 1.0
+    min_value_fraction: float = 0.125
+    min_neuron_fraction: float = 0.125
+    kd_alpha: float = 0.5
+    kd_temperature: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    method: str = "dense"
+    out: str = "runs/dense"
+    seed: int = 0
+    teacher: str | None = None  # folder written by the dense run (its `model/`), for hiap and baselines
+    target_macs: float | None = None  # baselines: fraction of dense MACs to reach (within 0.5%)
+    progress: bool = True  # tqdm bars (off on non-zero ranks and when CI is set)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    hiap: HiAPConfig = field(default_factory=HiAPConfig)
+
+    def validate(self) -> RunConfig:
+        _validate(self)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fail(name: str, value, rule: str):
+    raise ConfigError(f"invalid config: {name} = {value!r}: {rule}")
+
+
+def _check_types(obj, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{name}.")
+            continue
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+        allowed = tuple(k for part in str(f.type).replace(" ", "").split("|") for k in kinds.get(part, ()))
+        optional = "None" in str(f.type)
+        if value is None:
+            if not optional:
+                _fail(name, value, "must be set")
+            continue
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            _fail(name, value, f"must be of type {f.type}")
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(name, value, "must be finite")
+
+
+def _validate(cfg: RunConfig) -> None:
+    _check_types(cfg, "")
+    rules = [
+        ("method", cfg.method in METHODS, f"must be one of {', '.join(METHODS)}"),
+        ("data.dataset", cfg.data.dataset in DATASETS, f"must be one of {', '.join(DATASETS)}"),
+        ("data.train_subset", cfg.data.train_subset is None or cfg.data.train_subset >= 1, "must be >= 1 or null"),
+        ("data.test_subset", cfg.data.test_subset is None or cfg.data.test_subset >= 1, "must be >= 1 or null"),
+        ("data.workers", cfg.data.workers >= 0, "must be >= 0"),
+        ("model.img_size", cfg.model.img_size >= 1, "must be >= 1"),
+        ("model.patch_size", cfg.model.patch_size >= 1 and cfg.model.img_size % cfg.model.patch_size == 0, "must divide model.img_size"),
+        ("model.in_chans", cfg.model.in_chans >= 1, "must be >= 1"),
+        ("model.num_heads", cfg.model.num_heads >= 1 and cfg.model.embed_dim % cfg.model.num_heads == 0, "must divide model.embed_dim"),
+        ("model.depth", cfg.model.depth >= 1, "must be >= 1"),
+        ("model.mlp_ratio", cfg.model.mlp_ratio > 0, "must be > 0"),
+        ("model.num_classes", cfg.model.num_classes >= 2, "must be >= 2"),
+        ("model.drop_path", 0 <= cfg.model.drop_path < 1, "must be in [0, 1)"),
+        ("optim.epochs", cfg.optim.epochs >= 1, "must be >= 1"),
+        ("optim.batch_size", cfg.optim.batch_size >= 1, "must be >= 1"),
+        ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
+        ("optim.min_lr", 0 <= cfg.optim.min_lr <= cfg.optim.lr, "must be in [0, optim.lr]"),
+        ("optim.warmup_epochs", 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs, "must be in [0, optim.epochs]"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.label_smoothing", 0 <= cfg.optim.label_smoothing < 1, "must be in [0, 1)"),
+        ("optim.grad_clip", cfg.optim.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
+        ("optim.gate_lr", cfg.optim.gate_lr > 0, "must be > 0"),
+        ("hiap.lambda_macro", cfg.hiap.lambda_macro >= 0, "must be >= 0"),
+        ("hiap.lambda_micro", cfg.hiap.lambda_micro >= 0, "must be >= 0"),
+        ("hiap.lambda_feas", cfg.hiap.lambda_feas >= 0, "must be >= 0"),
+        ("hiap.tau0", cfg.hiap.tau0 > 0, "must be > 0"),
+        ("hiap.tau_min", 0 < cfg.hiap.tau_min <= cfg.hiap.tau0, "must be in (0, hiap.tau0]"),
+        ("hiap.min_heads", 0 <= cfg.hiap.min_heads <= cfg.model.num_heads, "must be in [0, model.num_heads]"),
+        ("hiap.min_value_fraction", 0 <= cfg.hiap.min_value_fraction <= 1, "must be in [0, 1]"),
+        ("hiap.min_neuron_fraction", 0 <= cfg.hiap.min_neuron_fraction <= 1, "must be in [0, 1]"),
+        ("hiap.kd_alpha", 0 <= cfg.hiap.kd_alpha <= 1, "must be in [0, 1]"),
+        ("hiap.kd_temperature", cfg.hiap.kd_temperature > 0, "must be > 0"),
+    ]
+    for name, ok, rule in rules:
+        if not ok:
+            _fail(name, _get(cfg, name), rule)
+    if cfg.method in ("uniform", "l1_ffn"):
+        if cfg.target_macs is None or not 0 < cfg.target_macs < 1:
+            _fail("target_macs", cfg.target_macs, f"must be in (0, 1) for method {cfg.method}")
+    if cfg.method != "dense" and cfg.teacher is None and cfg.model.pretrained is None:
+        _fail("teacher", None, f"method {cfg.method} needs the dense run's folder (teacher) or model.pretrained")
+    if cfg.model.name != "custom" and cfg.model.name not in _timm_models():
+        _fail("model.name", cfg.model.name, "is not a timm model name (or 'custom')")
+
+
+def _timm_models() -> set[str]:
+    from . import torchvision_compat  # noqa: F401
+    import timm
+
+    return set(timm.list_models())
+
+
+def _get(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _coerce(text: str):
+    return yaml.safe_load(text)
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | dict) -> RunConfig:
+    """Apply `section.field=value` overrides (values parsed as YAML); unknown fields are errors."""
+    items = overrides.items() if isinstance(overrides, dict) else (o.split("=", 1) if "=" in o else (o, None) for o in overrides)
+    for key, value in items:
+        if value is None and not isinstance(overrides, dict):
+            raise ConfigError(f"invalid override {key!r}: expected field=value")
+        *path, last = key.split(".")
+        target = cfg
+        for part in path:
+            if not hasattr(target, part) or not dataclasses.is_dataclass(getattr(target, part)):
+                raise ConfigError(f"invalid config: unknown section {key!r}")
+            target = getattr(target, part)
+        if not dataclasses.is_dataclass(target) or last not in {f.name for f in dataclasses.fields(target)}:
+            raise ConfigError(f"invalid config: unknown field {key!r}")
+        setattr(target, last, _coerce(value) if isinstance(value, str) and not isinstance(overrides, dict) else value)
+    return cfg
+
+
+def config_from_params(params: dict | str | Path, method: str, overrides: dict | list | None = None) -> RunConfig:
+    """Build a run config from `params.yaml`: shared `data`, `model`, `hiap` groups, and the optimiser
+    settings of the stage group named after the method (`dense`, `hiap`, `baselines`)."""
+    if not isinstance(params, dict):
+        path = Path(params)
+        if not path.is_file():
+            raise ConfigError(f"params file {path} not found")
+        params = yaml.safe_load(path.read_text()) or {}
+    cfg = RunConfig(method=method)
+    stage = {"dense": "dense", "hiap": "hiap", "uniform": "baselines", "l1_ffn": "baselines"}.get(method)
+    if stage is None:
+        raise ConfigError(f"invalid config: method = {method!r}: must be one of {', '.join(METHODS)}")
+    flat = {}
+    for section in ("data", "model"):
+        flat.update({f"{section}.{k}": v for k, v in (params.get(section) or {}).items()})
+    optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
+    hiap_fields = {f.name for f in dataclasses.fields(HiAPConfig)}
+    run_fields = {"seed", "teacher", "target_macs", "progress", "out"}
+    for key, value in (params.get(stage) or {}).items():
+        if key in optim_fields:
+            flat[f"optim.{key}"] = value
+        elif key in hiap_fields:
+            flat[f"hiap.{key}"] = value
+        elif key in run_fields:
+            flat[key] = value
+    if stage != "hiap":  # KD settings are shared by every distilled run
+        flat.update({f"hiap.{k}": v for k, v in (params.get("hiap") or {}).items() if k in ("kd_alpha", "kd_temperature")})
+    apply_overrides(cfg, flat)
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg.validate()

@@ -1,0 +1,318 @@
+"""Datasets: Fashion-MNIST (IDX), CIFAR-10 (python pickles), ImageNet (ImageFolder).
+
+Small datasets live in memory as uint8 tensors and are augmented in batches (random crop with
+padding, horizontal flip): no per-sample decoding in the training loop. Shuffling and augmentation
+are drawn from generators seeded by (seed, epoch, batch), so a run is deterministic, resumable at any
+epoch, and a DDP run sees the same global batches as a single process (each rank takes its slice).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import struct
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing, corrupt or malformed; the message names the file and the fix."""
+
+
+FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), Path("data/raw/fashion-mnist"))
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# sha256 of the decompressed IDX files (Debian's package recompresses them, so the .gz bytes differ).
+FASHION_MNIST_FILES = {
+    "train": (
+        ("train-images-idx3-ubyte.gz", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", (60000, 28, 28)),
+        ("train-labels-idx1-ubyte.gz", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", (60000,)),
+    ),
+    "test": (
+        ("t10k-images-idx3-ubyte.gz", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", (10000, 28, 28)),
+        ("t10k-labels-idx1-ubyte.gz", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", (10000,)),
+    ),
+}
+CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_DIRS = (Path("data/raw/cifar10"),)
+
+NORMALIZATION = {  # (mean, std) per channel
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+CROP_PADDING = {"fashion_mnist": 2, "cifar10": 4}
+
+
+@dataclass
+class ArrayDataset:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    num_classes: int
+
+    def subset(self, size: int | None, seed: int) -> ArrayDataset:
+        """A deterministic random subset of `size` samples (all when None or larger)."""
+        if size is None or size >= len(self.labels):
+            return self
+        keep = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+        return ArrayDataset(self.images[keep], self.labels[keep], self.num_classes)
+
+
+def _download(url: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, out)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_gzip(path: Path, fix: str) -> bytes:
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (EOFError, OSError, gzip.BadGzipFile) as err:
+        raise DatasetError(f"{path} is truncated or not gzip ({err}). {fix}") from err
+
+
+def _parse_idx(raw: bytes, path: Path, shape: tuple[int, ...], fix: str) -> np.ndarray:
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != len(shape):
+        raise DatasetError(f"{path} is not an IDX file of {len(shape)}-d uint8 data (bad header). {fix}")
+    dims = struct.unpack(f">{len(shape)}I", raw[4 : 4 + 4 * len(shape)])
+    if dims != shape:
+        raise DatasetError(f"{path} has shape {dims}, expected {shape}. {fix}")
+    body = raw[4 + 4 * len(shape) :]
+    if len(body) != int(np.prod(shape)):
+        raise DatasetError(f"{path} holds {len(body)} bytes of data, expected {int(np.prod(shape))} (truncated). {fix}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _fashion_mnist_dir(root: str | None, download: bool) -> Path:
+    names = [name for split in FASHION_MNIST_FILES.values() for name, _, _ in split]
+    candidates = [Path(root)] if root else list(FASHION_MNIST_DIRS)
+    for folder in candidates:
+        if all((folder / n).is_file() for n in names):
+            return folder
+    target = candidates[0] if root else FASHION_MNIST_DIRS[-1]
+    if download:
+        try:
+            for name in names:
+                if not (target / name).is_file():
+                    _download(FASHION_MNIST_URL + name, target / name)
+            return target
+        except OSError as err:
+            reason = f"download failed ({err})"
+    else:
+        reason = "download is disabled (data.download: false)"
+    missing = [str(target / n) for n in names if not (target / n).is_file()]
+    raise DatasetError(
+        f"Fashion-MNIST not found: {missing[0] if missing else target} is missing and {reason}. Install Debian's "
+        "package (`make data` or `apt-get install dataset-fashion-mnist`), or set data.root to a folder holding "
+        "the four *-idx?-ubyte.gz files."
+    )
+
+
+def load_fashion_mnist(split: str, root: str | None = None, download: bool = True) -> ArrayDataset:
+    folder = _fashion_mnist_dir(root, download)
+    (img_name, img_sha, img_shape), (lbl_name, lbl_sha, lbl_shape) = FASHION_MNIST_FILES[split]
+    arrays = []
+    for name, sha, shape in ((img_name, img_sha, img_shape), (lbl_name, lbl_sha, lbl_shape)):
+        path = folder / name
+        fix = f"Delete it and reinstall `dataset-fashion-mnist` (or re-download it into {folder})."
+        raw = _read_gzip(path, fix)
+        array = _parse_idx(raw, path, shape, fix)
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != sha:
+            raise DatasetError(f"{path}: sha256 of its contents is {digest}, expected {sha} (corrupt or not the official file). {fix}")
+        arrays.append(array)
+    images, labels = arrays
+    return ArrayDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10)
+
+
+def _cifar10_archive(root: str | None, download: bool) -> Path:
+    if root and Path(root).is_file():
+        return Path(root)
+    folders = [Path(root)] if root else list(CIFAR10_DIRS)
+    for folder in folders:
+        if (folder / CIFAR10_ARCHIVE).is_file():
+            return folder / CIFAR10_ARCHIVE
+    target = folders[0] / CIFAR10_ARCHIVE
+    if download:
+        try:
+            _download(CIFAR10_URL, target)
+            return target
+        except OSError as err:
+            reason = f"download failed ({err})"
+    else:
+        reason = "download is disabled (data.download: false)"
+    raise DatasetError(
+        f"CIFAR-10 not found: {target} is missing and {reason}. Put the official {CIFAR10_ARCHIVE} there, "
+        "or set data.root to its folder or path."
+    )
+
+
+def load_cifar10(split: str, root: str | None = None, download: bool = True, md5: str | None = None) -> ArrayDataset:
+    """The official python archive (pickled batches), verified against `md5` (default: the official one)."""
+    path = _cifar10_archive(root, download)
+    expected = md5 or CIFAR10_MD5
+    fix = f"Delete it and download the official {CIFAR10_ARCHIVE} again."
+    digest = hashlib.md5(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise DatasetError(f"{path}: md5 is {digest}, expected {expected} (corrupt, truncated or not the official archive). {fix}")
+    members = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] if split == "train" else ["cifar-10-batches-py/test_batch"]
+    images, labels = [], []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in members:
+                batch = pickle.load(io.BytesIO(tar.extractfile(member).read()), encoding="bytes")
+                data = np.asarray(batch[b"data"], dtype=np.uint8)
+                if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(batch[b"labels"]) != len(data):
+                    raise DatasetError(f"{path}:{member} has data of shape {data.shape}, expected (N, 3072) with N labels. {fix}")
+                images.append(data.reshape(-1, 3, 32, 32))
+                labels.extend(batch[b"labels"])
+    except (KeyError, tarfile.TarError, EOFError, OSError, pickle.UnpicklingError) as err:
+        raise DatasetError(f"{path} is not a valid CIFAR-10 python archive ({err}). {fix}") from err
+    return ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64), 10)
+
+
+def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, per sample, on a uint8 batch (B, C, H, W)."""
+    B, C, H, W = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator)
+    rows = (dy + torch.arange(H))[:, :, None]  # (B, H, 1)
+    cols = (dx + torch.arange(W))[:, None, :]  # (B, 1, W)
+    flip = torch.rand(B, generator=generator) < 0.5
+    cols = torch.where(flip[:, None, None], 2 * dx[:, :, None] + W - 1 - cols, cols)
+    batch_index = torch.arange(B)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2)
+
+
+class TensorLoader:
+    """Batches (normalised float images, labels) of an in-memory `ArrayDataset`.
+
+    Training: reshuffled each epoch, last incomplete batch dropped, each of `world` ranks gets its
+    contiguous slice of every global batch. Evaluation: in order, ranks take interleaved samples.
+    """
+
+    def __init__(self, data: ArrayDataset, batch_size: int, mean, std, train: bool, seed: int = 0,
+                 augment_padding: int = 0, rank: int = 0, world: int = 1):
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
+        if train and len(data.labels) < batch_size:
+            raise ValueError(f"the training set has {len(data.labels)} samples, fewer than one batch of {batch_size}")
+        self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
+        self.padding, self.rank, self.world = augment_padding, rank, world
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.data.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
+
+    def __iter__(self):
+        n = len(self.data.labels)
+        if not self.train:
+            order = torch.arange(n)
+            for start in range(0, n, self.batch_size):
+                idx = order[start : start + self.batch_size][self.rank :: self.world]
+                yield self._normalise(self.data.images[idx]), self.data.labels[idx]
+            return
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        local = self.batch_size // self.world
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.data.images[idx]
+            if self.padding:
+                gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + b)
+                images = augment_batch(images, self.padding, gen)
+            mine = slice(self.rank * local, (self.rank + 1) * local)
+            yield self._normalise(images[mine]), self.data.labels[idx][mine]
+
+
+class ImageFolderLoader:
+    """ImageNet-style folders with timm/DeiT preprocessing (RandomResizedCrop, flip, colour jitter;
+    eval resize + center crop), ImageNet mean/std, a DataLoader with worker processes."""
+
+    def __init__(self, folder: Path, img_size: int, batch_size: int, train: bool, seed: int = 0, workers: int = 4,
+                 rank: int = 0, world: int = 1, subset: int | None = None):
+        import timm.data
+        from torch.utils.data import DataLoader, DistributedSampler, Subset
+        from torchvision.datasets import ImageFolder
+
+        if batch_size % world:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
+        dataset = ImageFolder(str(folder), transform=timm.data.create_transform(img_size, is_training=train))
+        self.num_classes = len(dataset.classes)
+        if subset is not None and subset < len(dataset):
+            keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
+            dataset = Subset(dataset, keep.tolist())
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
+        self.loader = DataLoader(dataset, batch_size=batch_size // world, sampler=self.sampler, num_workers=workers,
+                                 drop_last=train, persistent_workers=workers > 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def _imagenet_folder(root: str | None, split: str) -> Path:
+    if not root:
+        raise DatasetError("ImageNet needs data.root: a folder with train/ and val/ in ImageFolder layout (one subfolder per class).")
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise DatasetError(f"ImageNet folder {folder} is missing: data.root must hold train/ and val/ (ImageFolder layout).")
+    if not any(p.is_dir() for p in folder.iterdir()):
+        raise DatasetError(f"{folder} has no class subfolders: expected {folder}/<class>/<image>.JPEG.")
+    return folder
+
+
+def build_loaders(cfg, img_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """(train loader, test loader, num_classes) for `cfg` (a `config.DataConfig`)."""
+    if cfg.dataset == "imagenet":
+        make = lambda split, train, subset: ImageFolderLoader(  # noqa: E731
+            _imagenet_folder(cfg.root, split), img_size, batch_size, train, seed, cfg.workers, rank, world, subset
+        )
+        train = make("train", True, cfg.train_subset)
+        return train, make("val", False, cfg.test_subset), train.num_classes
+    if cfg.dataset == "fashion_mnist":
+        load = lambda split: load_fashion_mnist(split, cfg.root, cfg.download)  # noqa: E731
+    else:
+        load = lambda split: load_cifar10(split, cfg.root, cfg.download, cfg.checksum)  # noqa: E731
+    train_set = load("train").subset(cfg.train_subset, seed)
+    test_set = load("test").subset(cfg.test_subset, seed)
+    if train_set.images.shape[-1] != img_size:
+        raise ValueError(f"model.img_size is {img_size} but {cfg.dataset} images are {train_set.images.shape[-1]} pixels")
+    mean, std = NORMALIZATION[cfg.dataset]
+    padding = CROP_PADDING[cfg.dataset] if cfg.augment else 0
+    train = TensorLoader(train_set, batch_size, mean, std, True, seed, padding, rank, world)
+    test = TensorLoader(test_set, batch_size, mean, std, False, seed, 0, rank, world)
+    return train, test, train_set.num_classes

@@ -1,0 +1,253 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hiap_core
+from hiap_core import train as engine
+from hiap_core.config import ConfigError, RunConfig, apply_overrides, config_from_params
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "data": {"dataset": "fashion_mnist", "train_subset": 384, "test_subset": 128},
+    "model": {"name": "custom", "img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 32, "depth": 2,
+              "num_heads": 2, "mlp_ratio": 2.0, "num_classes": 10},
+    "dense": {"epochs": 2, "batch_size": 64, "lr": 0.002, "warmup_epochs": 0.5},
+    "hiap": {"epochs": 3, "batch_size": 64, "lr": 0.001, "lambda_macro": 2.0, "lambda_micro": 1.0, "gate_lr": 0.2},
+    "baselines": {"epochs": 1, "batch_size": 64, "lr": 0.001},
+}
+needs_fashion = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="make data")
+
+
+def tiny_cfg(method, out, **overrides):
+    flat = {"out": str(out), "progress": False, **overrides}
+    return config_from_params(TINY, method, flat)
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("make data")
+    out = tmp_path_factory.mktemp("dense")
+    metrics = engine.train(tiny_cfg("dense", out))
+    return out, metrics
+
+
+@pytest.mark.parametrize(
+    "method, overrides, field",
+    [
+        ("bogus", {}, "method"),
+        ("dense", {"data.dataset": "mnist"}, "data.dataset"),
+        ("dense", {"optim.epochs": 0}, "optim.epochs"),
+        ("hiap", {"teacher": "x", "hiap.lambda_macro": -1.0}, "hiap.lambda_macro"),
+        ("hiap", {"teacher": "x", "hiap.tau_min": 3.0}, "hiap.tau_min"),
+        ("uniform", {"teacher": "x", "target_macs": 1.5}, "target_macs"),
+        ("uniform", {"teacher": "x"}, "target_macs"),
+        ("hiap", {}, "teacher"),
+        ("dense", {"model.name": "not_a_model"}, "model.name"),
+        ("dense", {"model.patch_size": 5}, "model.patch_size"),
+        ("dense", {"optim.lr": "fast"}, "optim.lr"),
+        ("dense", {"optim.batch_size": 1.5}, "optim.batch_size"),
+        ("dense", {"data.root": "/nonexistent", "optim.lr": -1.0}, "optim.lr"),  # reported before any data is read
+    ],
+)
+def test_invalid_config_is_one_line_naming_the_field(method, overrides, field):
+    with pytest.raises(ConfigError) as err:
+        config_from_params(TINY, method, overrides)
+    message = str(err.value)
+    assert "\n" not in message and f"{field} = " in message
+
+
+def test_unknown_override_field_is_rejected():
+    with pytest.raises(ConfigError, match="unknown field 'optim.learning_rate'"):
+        apply_overrides(RunConfig(), ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="expected field=value"):
+        apply_overrides(RunConfig(), ["optim.lr"])
+
+
+def test_config_from_params_reads_stage_groups(tmp_path):
+    cfg = config_from_params(TINY, "uniform", {"teacher": "t", "target_macs": 0.5})
+    assert cfg.optim.epochs == 1 and cfg.optim.lr == 0.001  # from `baselines`
+    assert cfg.model.embed_dim == 32 and cfg.hiap.kd_alpha == 0.5
+    cli = config_from_params(TINY, "hiap", ["teacher=t", "hiap.lambda_macro=4", "optim.epochs=7"])
+    assert cli.hiap.lambda_macro == 4.0 and cli.optim.epochs == 7
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    factors = [engine.lr_factor(s, 100, 10, 0.01) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_param_groups_exclude_gates_norms_and_biases_from_decay():
+    from conftest import make_vit
+
+    model = hiap_core.gate_vit(make_vit())
+    cfg = tiny_cfg("hiap", "x", teacher="t")
+    decay, no_decay, gates = engine.param_groups(model, cfg)
+    assert gates["base_lr"] == cfg.optim.gate_lr and gates["weight_decay"] == 0
+    assert {id(p) for p in gates["params"]} == {id(p) for p in hiap_core.gate_parameters(model)}
+    assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {"pos_embed", "cls_token"} <= {names[id(p)] for p in no_decay["params"]}
+    assert sum(len(g["params"]) for g in (decay, no_decay, gates)) == len(list(model.parameters()))
+
+
+@needs_fashion
+def test_dense_hiap_and_baselines_end_to_end(dense_run, tmp_path):
+    dense_dir, dense_metrics = dense_run
+    assert dense_metrics["macs_fraction"] == 1.0 and 0 < dense_metrics["test_acc"] <= 1
+    teacher = hiap_core.load_pruned(dense_dir / "model")
+    assert sum(p.numel() for p in teacher.parameters()) == dense_metrics["params"]
+
+    hiap = engine.train(tiny_cfg("hiap", tmp_path / "hiap", teacher=str(dense_dir)))
+    history = pd.read_csv(tmp_path / "hiap" / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3]
+    assert {"test_acc", "train_task", "train_macro", "train_micro", "train_feas", "tau", "expected_macs", "hard_macs"} <= set(history)
+    assert history["tau"].is_monotonic_decreasing and history["tau"].iloc[-1] == pytest.approx(0.5, rel=0.1)
+    gates = pd.read_csv(tmp_path / "hiap" / "gates.csv")
+    assert sorted(gates["epoch"].unique()) == [0, 1, 2, 3] and len(gates) == 4 * 2
+    assert {"layer", "heads", "value_dims", "ffn_on", "neurons"} <= set(gates)
+    pruned = hiap_core.load_pruned(tmp_path / "hiap" / "model")
+    assert hiap_core.count_macs(pruned) == hiap["macs"] == history["hard_macs"].iloc[-1]
+    assert json.loads((tmp_path / "hiap" / "metrics.json").read_text())["test_acc"] == hiap["test_acc"]
+
+    for method, target in (("uniform", 0.6), ("l1_ffn", 0.7)):
+        metrics = engine.train(tiny_cfg(method, tmp_path / method, teacher=str(dense_dir), target_macs=target))
+        assert abs(metrics["macs_fraction"] / target - 1) <= 0.005
+        assert hiap_core.count_macs(hiap_core.load_pruned(tmp_path / method / "model")) == metrics["macs"]
+
+
+def test_baselines_reach_targets_or_say_why():
+    from conftest import cifar_vit_tiny
+
+    dense = cifar_vit_tiny()
+    dense_macs = hiap_core.count_macs(dense)
+    for method in ("uniform", "l1_ffn"):
+        for target in (0.67, 0.5):
+            pruned = hiap_core.baselines.prune_to_target(dense, method, target)
+            assert abs(hiap_core.count_macs(pruned) / dense_macs / target - 1) <= 0.005
+    l1 = hiap_core.structure_summary(hiap_core.baselines.prune_to_target(dense, "l1_ffn", 0.5))
+    assert list(l1["heads"][:-1]) == [3] * 6  # attention untouched
+    with pytest.raises(ValueError, match="attention cost is a floor"):
+        hiap_core.baselines.prune_to_target(dense, "l1_ffn", 0.1)
+
+
+@needs_fashion
+def test_wrong_or_missing_teacher_is_a_clear_error(dense_run, tmp_path):
+    with pytest.raises(ConfigError, match="run the dense stage first"):
+        engine.train(tiny_cfg("hiap", tmp_path / "a", teacher=str(tmp_path / "none")))
+    with pytest.raises(ConfigError, match="does not match the model config"):
+        engine.train(tiny_cfg("hiap", tmp_path / "b", teacher=str(dense_run[0]), **{"model.embed_dim": 64}))
+
+
+def test_offline_pretrained_checkpoint_missing_is_a_clear_error():
+    cfg = RunConfig(method="hiap", model=hiap_core.config.ModelConfig(name="deit_tiny_patch16_224", pretrained="/no/such.pth",
+                                                                         num_classes=1000))
+    with pytest.raises(ConfigError, match="file not found"):
+        engine.build_dense_model(cfg)
+
+
+@needs_fashion
+def test_nan_loss_stops_with_a_clear_message_keeping_the_checkpoint(dense_run, tmp_path, monkeypatch):
+    cfg = tiny_cfg("hiap", tmp_path, teacher=str(dense_run[0]))
+    original, calls = engine.Trainer._loss, []
+
+    def poisoned(self, *args):
+        terms = original(self, *args)
+        calls.append(1)
+        if len(calls) > 7:  # second epoch (6 steps per epoch)
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(engine.Trainer, "_loss", poisoned)
+    with pytest.raises(engine.TrainingDiverged, match="non-finite loss at epoch 2.*checkpoint.*is kept"):
+        engine.train(cfg)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+def cli(args, **kwargs):
+    env = {**os.environ, "CI": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hiap_core.train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def write_params(path):
+    import yaml
+
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@needs_fashion
+def test_killed_run_resumes_to_the_same_result(dense_run, tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    common = ["--params", str(params), "--method", "hiap", "--set", f"teacher={dense_run[0]}"]
+    full = cli([*common, "--out", str(tmp_path / "full")])
+    assert full.wait(timeout=300) == 0, full.stdout.read()
+
+    killed = cli([*common, "--out", str(tmp_path / "killed")])
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists(), "the run finished before it was killed"
+    resumed = cli([*common, "--out", str(tmp_path / "killed")])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resuming" in output
+
+    a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("full", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = ["epoch_time_s", "train_images_per_s"]
+    pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / "history.csv").drop(columns=drop) for run in ("full", "killed")))
+    pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / "gates.csv") for run in ("full", "killed")))
+
+
+@needs_fashion
+def test_rerun_with_a_different_config_refuses_to_mix_checkpoints(dense_run, tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    run = cli(["--params", str(params), "--method", "dense", "--out", str(tmp_path / "d"), "--set", "optim.epochs=1"])
+    assert run.wait(timeout=300) == 0
+    again = cli(["--params", str(params), "--method", "dense", "--out", str(tmp_path / "d"), "--set", "optim.lr=0.1", "optim.epochs=1"])
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 2 and "different config (optim)" in output and "Traceback" not in output
+
+
+@needs_fashion
+def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    run = cli(["--params", str(params), "--method", "hiap", "--out", str(tmp_path / "x"), "--set", "hiap.tau_min=5", "teacher=t"])
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode == 2 and output.strip().count("\n") == 0 and "hiap.tau_min" in output
+
+
+@needs_fashion
+def test_torchrun_two_process_gloo_matches_one_process(dense_run, tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    common = ["--params", str(params), "--method", "hiap", "--set", f"teacher={dense_run[0]}", "optim.epochs=2"]
+    single = cli([*common, "--out", str(tmp_path / "one")])
+    assert single.wait(timeout=300) == 0, single.stdout.read()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "hiap_core.train", *common,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    assert ddp.stdout.count("final:") == 1  # rank-0-only logging
+    one, two = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-3
+    m1, m2 = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
+    assert m1["macs"] == m2["macs"] and abs(m1["test_acc"] - m2["test_acc"]) <= 2 / 128
