@@ -31,10 +31,11 @@ data:
 test: venv data
 	$(PY) -m pytest -q tests
 
+# DVC stages call papermill and python: the venv's bin comes first on PATH.
 repro: venv data
-	$(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
-bench: venv
+bench: venv data
 	$(PY) -m hiap_core.bench
 
 clean-venv:

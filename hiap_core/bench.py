@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from . import torchvision_compat  # noqa: F401  (before timm)
@@ -222,22 +223,18 @@ def main(argv=None) -> dict:
     parser.add_argument("suites", nargs="*", default=["core", "train"], choices=["core", "train"])
     parser.add_argument("--out-dir", type=Path, default=Path("reports/benchmarks"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--train-batch", type=int, default=128)
-    parser.add_argument("--train-rounds", type=int, default=10)
-    parser.add_argument("--batch1-runs", type=int, default=50)
-    parser.add_argument("--batch64-runs", type=int, default=20)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    settings = yaml.safe_load(args.params.read_text())["bench"]
+    torch.set_num_threads(settings["threads"])
     results = {}
     if "core" in args.suites:
         results["core"] = {
             "machine": machine(),
-            "training_step": bench_training(args.train_batch, args.train_rounds),
-            "inference": bench_inference([0.67, 0.50], {1: args.batch1_runs, 64: args.batch64_runs}),
+            "training_step": bench_training(settings["train_batch"], settings["train_rounds"]),
+            "inference": bench_inference([0.67, 0.50], {1: settings["batch1_runs"], 64: settings["batch64_runs"]}),
         }
     if "train" in args.suites:
-        results["train"] = {"machine": machine(), **bench_train_loop(args.params, args.train_rounds)}
+        results["train"] = {"machine": machine(), **bench_train_loop(args.params, settings["train_rounds"])}
     for name, result in results.items():
         write_json(result, args.out_dir / f"{name}.json")
         print(json.dumps(result, indent=2))

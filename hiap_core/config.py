@@ -203,7 +203,8 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict) -> RunConfig:
 
 def config_from_params(params: dict | str | Path, method: str, overrides: dict | list | None = None) -> RunConfig:
     """Build a run config from `params.yaml`: shared `data`, `model`, `hiap` groups, and the optimiser
-    settings of the stage group named after the method (`dense`, `hiap`, `baselines`)."""
+    settings (and optionally `train_subset` / `augment`) of the stage group named after the method
+    (`dense`, `hiap`, `baselines`)."""
     if not isinstance(params, dict):
         path = Path(params)
         if not path.is_file():
@@ -218,12 +219,15 @@ def config_from_params(params: dict | str | Path, method: str, overrides: dict |
         flat.update({f"{section}.{k}": v for k, v in (params.get(section) or {}).items()})
     optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
     hiap_fields = {f.name for f in dataclasses.fields(HiAPConfig)}
+    data_fields = {"train_subset", "augment"}  # a stage may train on a subset of the shared data
     run_fields = {"seed", "teacher", "target_macs", "progress", "out"}
     for key, value in (params.get(stage) or {}).items():
         if key in optim_fields:
             flat[f"optim.{key}"] = value
         elif key in hiap_fields:
             flat[f"hiap.{key}"] = value
+        elif key in data_fields:
+            flat[f"data.{key}"] = value
         elif key in run_fields:
             flat[key] = value
     if stage != "hiap":  # KD settings are shared by every distilled run

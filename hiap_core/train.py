@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -86,7 +87,8 @@ def build_dense_model(cfg: RunConfig) -> nn.Module:
     else:
         hub = m.pretrained == "hub"
         try:
-            model = timm.create_model(m.name, pretrained=hub, num_classes=m.num_classes, drop_path_rate=m.drop_path)
+            model = timm.create_model(m.name, pretrained=hub, num_classes=m.num_classes, drop_path_rate=m.drop_path,
+                                      img_size=m.img_size)
         except Exception as err:
             if not hub:
                 raise
@@ -171,7 +173,7 @@ def evaluate(model: nn.Module, loader, dist: Dist) -> tuple[float, float]:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     write(tmp)
     os.replace(tmp, path)
 
@@ -192,8 +194,11 @@ def gate_rows_for(model: nn.Module, epoch: int) -> list[dict]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist: Dist | None = None):
+    def __init__(self, cfg: RunConfig, dist: Dist | None = None, restart_on_config_change: bool = False):
+        """`restart_on_config_change`: a checkpoint written with another config is discarded (pipelines whose
+        params changed) instead of refused (a mistyped --out)."""
         self.cfg = cfg.validate()
+        self.restart_on_config_change = restart_on_config_change
         self.dist = dist or setup_distributed()
         self.out = Path(cfg.out)
         self.show = cfg.progress and self.dist.main and not os.environ.get("CI")
@@ -221,14 +226,18 @@ class Trainer:
 
         start_epoch, history, gate_rows = 0, [], []
         checkpoint = self.out / "checkpoint.pt"
-        if checkpoint.is_file():
-            state = torch.load(checkpoint, map_location=dist.device, weights_only=False)
+        state = torch.load(checkpoint, map_location=dist.device, weights_only=False) if checkpoint.is_file() else None
+        if state is not None:
             saved = {k: v for k, v in state["config"].items() if k not in ("out", "progress")}
             now = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "progress")}
-            if saved != now:
-                changed = sorted(k for k in now if saved.get(k) != now[k])
+            changed = sorted(k for k in now if saved.get(k) != now[k])
+            if changed and not self.restart_on_config_change:
                 raise ConfigError(f"{checkpoint} was written with a different config ({', '.join(changed)}): "
                                   "use another --out or delete the folder to start over")
+            if changed:
+                self._log(f"{checkpoint} has another config ({', '.join(changed)}): starting over")
+                state = None
+        if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, history, gate_rows = state["epoch"], state["history"], state["gate_rows"]
@@ -276,7 +285,7 @@ class Trainer:
             acc, test_loss = evaluate(model, test_loader, dist)
             row = {"epoch": epoch + 1, **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
                    "test_acc": acc, "test_loss": test_loss, "lr": optimizer.param_groups[0]["lr"],
-                   "epoch_time_s": train_time, "train_images_per_s": steps_per_epoch * cfg.optim.batch_size / train_time}
+                   "steps_per_epoch": steps_per_epoch, "epoch_time_s": train_time, "train_images_per_s": steps_per_epoch * cfg.optim.batch_size / train_time}
             if gated:
                 exp = expected_macs(model)
                 row.update(tau=tau, expected_macs=float(exp.total.detach()), hard_macs=count_macs(model))
@@ -347,6 +356,22 @@ class Trainer:
 def train(cfg: RunConfig) -> dict:
     """Run (or resume) one training run; returns the final metrics."""
     return Trainer(cfg).run()
+
+
+RUNS = Path("data/runs")  # the study's run folders (DVC outputs)
+REPORT_METRICS = Path("reports/metrics")
+
+
+def study_run(params: dict, method: str, name: str, overrides: dict | None = None) -> dict:
+    """One run of the study (a DVC stage): train or resume `data/runs/<name>`, restarting it when its
+    params changed, and copy its metrics, history and gate states to `reports/metrics/<name>*`."""
+    cfg = config_from_params(params, method, {"out": str(RUNS / name), **(overrides or {})})
+    metrics = Trainer(cfg, restart_on_config_change=True).run()
+    REPORT_METRICS.mkdir(parents=True, exist_ok=True)
+    for source, target in (("metrics.json", f"{name}.json"), ("history.csv", f"{name}_history.csv"), ("gates.csv", f"{name}_gates.csv")):
+        if (RUNS / name / source).is_file():
+            _atomic(REPORT_METRICS / target, lambda p, s=source: shutil.copyfile(RUNS / name / s, p))
+    return metrics
 
 
 def main(argv=None) -> int:

@@ -80,8 +80,8 @@ def empty_open_heads_correction(gated, attention_matmuls=True) -> float:
     alpha = hiap_core.unit_costs(hiap_core.describe(gated), attention_matmuls).alpha
     total = 0.0
     for attn, _ in hiap_core.gated_blocks(gated):
-        p_value = attn.value_gate.probs().double().view(attn.num_heads, attn.head_dim)
-        total += float(alpha * (attn.head_gate.probs().double() * (1 - p_value).prod(dim=1)).sum())
+        p_value = attn.value_gate.probs().detach().double().view(attn.num_heads, attn.head_dim)
+        total += float(alpha * (attn.head_gate.probs().double() * (1 - p_value).prod(dim=1)).sum().detach())
     return total
 
 

@@ -251,3 +251,17 @@ def test_torchrun_two_process_gloo_matches_one_process(dense_run, tmp_path):
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-3
     m1, m2 = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert m1["macs"] == m2["macs"] and abs(m1["test_acc"] - m2["test_acc"]) <= 2 / 128
+
+
+def test_stage_groups_may_train_on_a_subset_and_profiles_merge(tmp_path):
+    params = {**TINY, "hiap": {**TINY["hiap"], "train_subset": 100}}
+    assert config_from_params(params, "hiap", {"teacher": "t"}).data.train_subset == 100
+    assert config_from_params(params, "dense").data.train_subset == TINY["data"]["train_subset"]
+
+    from hiap_core import profiles
+
+    file = tmp_path / "params.yaml"
+    file.write_text("# kept comment\ndata:\n  dataset: fashion_mnist  # inline\n  train_subset: null\nhiap:\n  epochs: 3\n")
+    profiles.apply("paper", file)
+    text = file.read_text()
+    assert "# kept comment" in text and "dataset: cifar10" in text and "epochs: 200" in text
