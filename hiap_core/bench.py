@@ -11,10 +11,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from . import torchvision_compat  # noqa: F401  (before timm)
 from .arch import describe
 from .cost import count_macs
 from .extract import extract
+from .files import atomic_write
 from .gated_vit import gate_vit, gated_blocks, set_gate_state
 
 
@@ -210,14 +209,6 @@ def machine() -> dict:
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("suites", nargs="*", default=["core", "train"], choices=["core", "train"])
@@ -236,7 +227,7 @@ def main(argv=None) -> dict:
     if "train" in args.suites:
         results["train"] = {"machine": machine(), **bench_train_loop(args.params, settings["train_rounds"])}
     for name, result in results.items():
-        write_json(result, args.out_dir / f"{name}.json")
+        atomic_write(args.out_dir / f"{name}.json", lambda p, r=result: p.write_text(json.dumps(r, indent=2)))
         print(json.dumps(result, indent=2))
     return results
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .arch import LayerSpec, ViTSpec
+from .files import atomic_write
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -175,17 +175,6 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> None:
             module.fused_attn = enabled
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_pruned(model: PrunedViT, path: str | os.PathLike) -> Path:
     """Write `path/model.safetensors` and `path/architecture.json` (each atomically); returns `path`."""
     if not isinstance(model, PrunedViT):
@@ -194,8 +183,8 @@ def save_pruned(model: PrunedViT, path: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     arch = {"format": "hiap-pruned-vit", "format_version": FORMAT_VERSION, "spec": model.spec.to_dict()}
-    _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(folder / ARCH_FILE, lambda tmp: Path(tmp).write_text(json.dumps(arch, indent=1)))
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(folder / ARCH_FILE, lambda tmp: tmp.write_text(json.dumps(arch, indent=1)))
     return folder
 
 

@@ -7,7 +7,6 @@ Run folders live in `data/runs/<run>` (DVC-cached); everything a reader looks at
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 from .arch import ViTSpec  # noqa: E402
 from .bench import alternate  # noqa: E402
 from .cost import count_macs  # noqa: E402
+from .files import atomic_write  # noqa: E402
 from .losses import temperature_at  # noqa: E402
 from .pruned import load_pruned  # noqa: E402
 from .train import RUNS  # noqa: E402
@@ -53,14 +53,6 @@ PAPER_TABLE2 = pd.DataFrame(
 METHOD_LABELS = {"dense": "Dense", "uniform": "Uniform-Ratio", "l1_ffn": "L1-Structured (FFN)", "hiap": "HiAP"}
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def run_metrics(name: str) -> dict:
     return json.loads((RUNS / name / "metrics.json").read_text())
 
@@ -83,12 +75,12 @@ def results_table(names: list[str]) -> pd.DataFrame:
 
 
 def write_table(table: pd.DataFrame, name: str, floatfmt: str = ".2f") -> None:
-    _atomic_write(REPORTS / "tables" / f"{name}.csv", lambda p: table.to_csv(p, index=False))
-    _atomic_write(REPORTS / "tables" / f"{name}.md", lambda p: p.write_text(table.to_markdown(index=False, floatfmt=floatfmt) + "\n"))
+    atomic_write(REPORTS / "tables" / f"{name}.csv", lambda p: table.to_csv(p, index=False))
+    atomic_write(REPORTS / "tables" / f"{name}.md", lambda p: p.write_text(table.to_markdown(index=False, floatfmt=floatfmt) + "\n"))
 
 
 def save_figure(fig, name: str) -> Path:
-    path = _atomic_write(REPORTS / "figures" / f"{name}.png", lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
+    path = atomic_write(REPORTS / "figures" / f"{name}.png", lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
     return path
 
 

@@ -34,6 +34,7 @@ from .config import ConfigError, RunConfig, config_from_params
 from .cost import count_macs, expected_macs
 from .data import DatasetError, build_loaders
 from .extract import extract, structure_summary
+from .files import atomic_write
 from .gated_vit import gate_parameters, gate_vit, set_temperature
 from .losses import cost_penalties, feasibility_penalty, kd_loss, temperature_at
 from .pruned import load_pruned, save_pruned
@@ -172,16 +173,10 @@ def evaluate(model: nn.Module, loader, dist: Dist) -> tuple[float, float]:
     return correct / count, loss / count
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_reports(out: Path, history: list[dict], gate_rows: list[dict]) -> None:
-    _atomic(out / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
+    atomic_write(out / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
     if gate_rows:
-        _atomic(out / "gates.csv", lambda p: pd.DataFrame(gate_rows).to_csv(p, index=False))
+        atomic_write(out / "gates.csv", lambda p: pd.DataFrame(gate_rows).to_csv(p, index=False))
 
 
 def gate_rows_for(model: nn.Module, epoch: int) -> list[dict]:
@@ -298,7 +293,7 @@ class Trainer:
                 state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "history": history, "gate_rows": gate_rows, "config": cfg.to_dict(),
                          "rng": torch.get_rng_state()}
-                _atomic(checkpoint, lambda p: torch.save(state, p))
+                atomic_write(checkpoint, lambda p: torch.save(state, p))
                 _write_reports(self.out, history, gate_rows)
         return self._finish(model, test_loader, history)
 
@@ -346,8 +341,8 @@ class Trainer:
         }
         if dist.main:
             save_pruned(final, self.out / "model")
-            _atomic(self.out / "summary.csv", lambda p: structure_summary(final).to_csv(p, index=False))
-            _atomic(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+            atomic_write(self.out / "summary.csv", lambda p: structure_summary(final).to_csv(p, index=False))
+            atomic_write(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
             self._log(f"[{cfg.method}] final: acc {acc:.4f}, {metrics['macs'] / 1e6:.2f}M MACs "
                       f"({metrics['reduction_pct']:.1f}% cut), {metrics['params'] / 1e6:.3f}M params -> {self.out}")
         return metrics
@@ -370,7 +365,7 @@ def study_run(params: dict, method: str, name: str, overrides: dict | None = Non
     REPORT_METRICS.mkdir(parents=True, exist_ok=True)
     for source, target in (("metrics.json", f"{name}.json"), ("history.csv", f"{name}_history.csv"), ("gates.csv", f"{name}_gates.csv")):
         if (RUNS / name / source).is_file():
-            _atomic(REPORT_METRICS / target, lambda p, s=source: shutil.copyfile(RUNS / name / s, p))
+            atomic_write(REPORT_METRICS / target, lambda p, s=source: shutil.copyfile(RUNS / name / s, p))
     return metrics
 
 

@@ -1,4 +1,3 @@
-import copy
 
 import pytest
 import timm
@@ -6,7 +5,7 @@ import torch
 from torch import nn
 
 import hiap_core
-from conftest import TINY_VARIANTS, cifar_vit_tiny, gated_copy, make_vit
+from conftest import cifar_vit_tiny, gated_copy, make_vit
 
 PAPER_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
 
