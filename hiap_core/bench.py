@@ -211,20 +211,23 @@ def machine() -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("suites", nargs="*", default=["core", "train"], choices=["core", "train"])
+    parser.add_argument("suites", nargs="*", help="core and/or train (default: both)")
     parser.add_argument("--out-dir", type=Path, default=Path("reports/benchmarks"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    suites = args.suites or ["core", "train"]
+    if set(suites) - {"core", "train"}:
+        parser.error(f"unknown suites {sorted(set(suites) - {'core', 'train'})}: choose core and/or train")
     settings = yaml.safe_load(args.params.read_text())["bench"]
     torch.set_num_threads(settings["threads"])
     results = {}
-    if "core" in args.suites:
+    if "core" in suites:
         results["core"] = {
             "machine": machine(),
             "training_step": bench_training(settings["train_batch"], settings["train_rounds"]),
             "inference": bench_inference([0.67, 0.50], {1: settings["batch1_runs"], 64: settings["batch64_runs"]}),
         }
-    if "train" in args.suites:
+    if "train" in suites:
         results["train"] = {"machine": machine(), **bench_train_loop(args.params, settings["train_rounds"])}
     for name, result in results.items():
         atomic_write(args.out_dir / f"{name}.json", lambda p, r=result: p.write_text(json.dumps(r, indent=2)))
