@@ -14,7 +14,7 @@ import torch
 from ruamel.yaml import YAML
 
 import hiap_core
-from hiap_core import profiles
+from hiap_core import imagenet, profiles  # noqa: F401  (hiap_core.imagenet used below)
 from test_data import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_smoke_profile_reproduces_every_report(tmp_path):
 
     table2 = (repo / "reports" / "tables" / "table2_imagenet.md").read_text()
     assert "HiAP (this repo)" in table2 and "not run" not in table2
-    pruned = hiap_core.load_pruned(repo / "data" / "runs" / "imagenet_hiap" / "model")
+    pruned = hiap_core.load_pruned(repo / hiap_core.imagenet.RUN_DIR / "model")
     assert pruned.spec.num_classes == 3
 
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)
