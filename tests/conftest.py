@@ -1,6 +1,7 @@
 import copy
 
 import hiap_core  # noqa: I001  (first: makes torchvision, hence timm, importable)
+from hiap_core import bench
 import pytest
 import timm
 import torch
@@ -32,10 +33,7 @@ def make_vit(seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def cifar_vit_tiny() -> torch.nn.Module:
-    """The paper's CIFAR-10 ViT-Tiny: img 32, patch 4, embed 192, depth 6, 3 heads, mlp 768."""
-    return timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, num_classes=10
-    ).eval()
+    return bench.cifar_vit_tiny().eval()
 
 
 def gated_copy(model, **cfg):
