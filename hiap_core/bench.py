@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import torchvision_compat  # noqa: F401  (before timm)
 from .arch import describe
@@ -81,13 +82,13 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def alternate(fns: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+def alternate(fns: dict, rounds: int, warmup: int = 2, progress: bool = False) -> dict[str, list[float]]:
     """Run each callable once per round, in turn, and return its wall times (seconds)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for _ in range(rounds):
+    for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress, leave=False):
         for name, fn in fns.items():
             times[name].append(_time(fn))
     return times
@@ -177,6 +178,8 @@ def bench_train_loop(params: Path, rounds: int) -> dict:
 
     def step_fn(model, cfg, teacher_model):
         trainer = Trainer(cfg)
+        if cfg.method == "hiap":
+            trainer.prepare_costs(model)
         opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr)
 
         def step():

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 METHODS = ("dense", "hiap", "uniform", "l1_ffn")
+COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 
 
@@ -71,6 +72,12 @@ class HiAPConfig:
     min_neuron_fraction: float = 0.125
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
+    cost: str = "macs"  # what the penalties (and a budget) measure: macs | latency (needs cost_table)
+    cost_table: str | None = None  # per-unit latency table JSON written by hiap_core.latency
+    target_latency: float | None = None  # budget-exact mode for cost latency: fraction of dense latency
+    budget_lr: float = 0.1  # budget-exact mode: dual-ascent step on log(penalty scale)
+    budget_ramp: float = 0.5  # ... the target falls from dense to its value over this fraction of training
+    budget_tolerance: float = 0.005  # ... final hardened cost further than this (relative): round the least sure gates
 
 
 @dataclass
@@ -79,7 +86,8 @@ class RunConfig:
     out: str = "runs/dense"
     seed: int = 0
     teacher: str | None = None  # folder written by the dense run (its `model/`), for hiap and baselines
-    target_macs: float | None = None  # baselines: fraction of dense MACs to reach (within 0.5%)
+    target_macs: float | None = None  # fraction of dense MACs (<= 1) or MACs (> 1): baselines cut to it; HiAP
+    # with it set runs in budget-exact mode (lambda ratio kept, scale adapted); None: plain lambda mode
     progress: bool = True  # tqdm bars (off on non-zero ranks and when CI is set)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -92,6 +100,10 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def budget_exact(self) -> bool:
+        return self.method == "hiap" and (self.target_macs is not None or self.hiap.target_latency is not None)
 
 
 def _fail(name: str, value, rule: str):
@@ -152,6 +164,19 @@ def _validate(cfg: RunConfig) -> None:
         ("hiap.min_neuron_fraction", 0 <= cfg.hiap.min_neuron_fraction <= 1, "must be in [0, 1]"),
         ("hiap.kd_alpha", 0 <= cfg.hiap.kd_alpha <= 1, "must be in [0, 1]"),
         ("hiap.kd_temperature", cfg.hiap.kd_temperature > 0, "must be > 0"),
+        ("hiap.cost", cfg.hiap.cost in COSTS, f"must be one of {', '.join(COSTS)}"),
+        ("hiap.cost_table", cfg.hiap.cost != "latency" or cfg.hiap.cost_table is not None,
+         "hiap.cost = latency needs a cost table: measure one with `python -m hiap_core.latency --out FILE`"),
+        ("hiap.target_latency", cfg.hiap.target_latency is None or 0 < cfg.hiap.target_latency <= 1,
+         "must be a fraction of dense latency in (0, 1] or null"),
+        ("hiap.target_latency", cfg.hiap.target_latency is None or cfg.hiap.cost == "latency",
+         "needs hiap.cost = latency (with hiap.cost = macs set target_macs)"),
+        ("target_macs", cfg.target_macs is None or cfg.method != "hiap" or cfg.hiap.cost == "macs",
+         "is a MACs budget: with hiap.cost = latency set hiap.target_latency instead"),
+        ("target_macs", cfg.target_macs is None or cfg.target_macs > 0, "must be > 0: a fraction of dense MACs (<= 1) or MACs (> 1)"),
+        ("hiap.budget_lr", cfg.hiap.budget_lr > 0, "must be > 0"),
+        ("hiap.budget_ramp", 0 <= cfg.hiap.budget_ramp < 1, "must be in [0, 1)"),
+        ("hiap.budget_tolerance", 0 < cfg.hiap.budget_tolerance <= 0.05, "must be in (0, 0.05]"),
     ]
     for name, ok, rule in rules:
         if not ok:

@@ -1,5 +1,6 @@
 """Exact MACs (DESIGN.md, "MACs"): every Linear/Conv plus the two attention matmuls; norms,
-activations, softmax, biases and adds count 0. Batch size 1."""
+activations, softmax, biases and adds count 0. Batch size 1. The same linear cost structure also takes
+measured per-unit latencies (`load_cost_table`), so penalties and budgets work in either unit."""
 
 from __future__ import annotations
 
@@ -13,17 +14,20 @@ from .arch import ViTSpec, describe
 
 @dataclass(frozen=True)
 class UnitCosts:
-    """Marginal MACs of one prunable unit in one block (identical for every block of a plain ViT)."""
+    """Marginal cost of one prunable unit in one block (identical for every block of a plain ViT) and the
+    cost no gate removes: MACs (`unit_costs`) or measured milliseconds (`load_cost_table`)."""
 
-    alpha: int  # per live head: Q and K projections (+ q k^T)
-    beta: int  # per live value dim: V projection and proj column (+ attn v)
-    gamma: int  # per live FFN neuron: fc1 row and fc2 column
+    alpha: float  # per live head: Q and K projections (+ q k^T)
+    beta: float  # per live value dim: V projection and proj column (+ attn v)
+    gamma: float  # per live FFN neuron: fc1 row and fc2 column
+    static: float  # patch embedding and classifier (MACs); everything else that does not shrink (latency)
+    unit: str = "MACs"
 
 
 def unit_costs(spec: ViTSpec, attention_matmuls: bool = True) -> UnitCosts:
     n, d, dh = spec.num_tokens, spec.embed_dim, spec.head_dim
     quad = n * n if attention_matmuls else 0
-    return UnitCosts(alpha=2 * n * d * dh + quad * dh, beta=2 * n * d + quad, gamma=2 * n * d)
+    return UnitCosts(alpha=2 * n * d * dh + quad * dh, beta=2 * n * d + quad, gamma=2 * n * d, static=static_macs(spec))
 
 
 def static_macs(spec: ViTSpec) -> int:
@@ -32,17 +36,40 @@ def static_macs(spec: ViTSpec) -> int:
     return spec.num_patches * spec.embed_dim * spec.in_chans * ph * pw + spec.embed_dim * spec.num_classes
 
 
-def spec_macs(spec: ViTSpec, attention_matmuls: bool = True) -> int:
-    c = unit_costs(spec, attention_matmuls)
-    prunable = sum(
-        c.alpha * len(layer.heads) + c.beta * sum(layer.value_dims) + c.gamma * (layer.mlp_hidden or 0) for layer in spec.layers
+def spec_cost(spec: ViTSpec, costs: UnitCosts):
+    """`static + sum alpha * heads + beta * value dims + gamma * neurons` of an architecture."""
+    return costs.static + sum(
+        costs.alpha * len(layer.heads) + costs.beta * sum(layer.value_dims) + costs.gamma * (layer.mlp_hidden or 0)
+        for layer in spec.layers
     )
-    return static_macs(spec) + prunable
+
+
+def spec_macs(spec: ViTSpec, attention_matmuls: bool = True) -> int:
+    return spec_cost(spec, unit_costs(spec, attention_matmuls))
 
 
 def dense_prunable_macs(spec: ViTSpec, attention_matmuls: bool = True) -> int:
     """Prunable MACs of the dense model: the normaliser of the cost penalties."""
     return spec_macs(spec.dense(), attention_matmuls) - static_macs(spec)
+
+
+def load_cost_table(path, spec: ViTSpec) -> UnitCosts:
+    """The per-unit latency costs measured by `hiap_core.latency` for this architecture (milliseconds)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latency cost table {path} not found: measure one with "
+                                f"`python -m hiap_core.latency --out {path}` (or `dvc repro cost_table`)")
+    table = json.loads(path.read_text())
+    measured = ViTSpec.from_dict(table["spec"])
+    if measured.dense() != spec.dense():
+        raise ValueError(f"latency cost table {path} was measured for another architecture "
+                         f"({measured.embed_dim}-dim, {len(measured.layers)} layers, {measured.num_tokens} tokens): "
+                         "measure one for this model")
+    c = table["coefficients"]
+    return UnitCosts(alpha=c["head"], beta=c["value_dim"], gamma=c["neuron"], static=c["static"], unit=table["unit"])
 
 
 def count_macs(model: nn.Module | ViTSpec, img_size=None, attention_matmuls: bool = True) -> int:
@@ -54,21 +81,22 @@ def count_macs(model: nn.Module | ViTSpec, img_size=None, attention_matmuls: boo
 
 
 @dataclass
-class ExpectedMacs:
-    """Differentiable expected MACs of a gated ViT under its gate probabilities (tensors)."""
+class ExpectedCost:
+    """Differentiable expected cost of a gated ViT under its gate probabilities (tensors)."""
 
     macro: torch.Tensor  # sum alpha * p(g)
     micro: torch.Tensor  # sum beta * p(g) * p(d) + gamma * p(b) * p(c)
-    static: int
-    dense_prunable: int
+    static: float
+    dense_prunable: float
 
     @property
     def total(self) -> torch.Tensor:
         return self.static + self.macro + self.micro
 
 
-def expected_macs(gated: nn.Module, attention_matmuls: bool = True) -> ExpectedMacs:
-    """`sum alpha p(g) + sum beta p(g) p(d) + sum gamma p(b) p(c)` plus static (DESIGN.md).
+def expected_cost(gated: nn.Module, costs: UnitCosts) -> ExpectedCost:
+    """`sum alpha p(g) + sum beta p(g) p(d) + sum gamma p(b) p(c)` plus static (DESIGN.md), for MACs or
+    latency unit costs alike.
 
     Exactly the expectation of the linear cost `sum alpha g + beta g d + gamma b c`. The hard cost also
     removes a head whose gate is open but whose value dims are all closed, so
@@ -76,13 +104,15 @@ def expected_macs(gated: nn.Module, attention_matmuls: bool = True) -> ExpectedM
     """
     from .gated_vit import gated_blocks
 
-    blocks = gated_blocks(gated)
-    spec = describe(gated)
-    c = unit_costs(spec, attention_matmuls)
     macro = micro = 0
-    for attn, mlp in blocks:
+    for attn, mlp in gated_blocks(gated):
         p_head = attn.head_gate.probs()
         p_value = attn.value_gate.probs().view(attn.num_heads, attn.head_dim)
-        macro = macro + c.alpha * p_head.sum()
-        micro = micro + c.beta * (p_head * p_value.sum(dim=1)).sum() + c.gamma * mlp.block_gate.probs()[0] * mlp.neuron_gate.probs().sum()
-    return ExpectedMacs(macro, micro, static_macs(spec), dense_prunable_macs(spec, attention_matmuls))
+        macro = macro + costs.alpha * p_head.sum()
+        micro = micro + costs.beta * (p_head * p_value.sum(dim=1)).sum() + costs.gamma * mlp.block_gate.probs()[0] * mlp.neuron_gate.probs().sum()
+    dense = spec_cost(describe(gated).dense(), costs)
+    return ExpectedCost(macro, micro, costs.static, dense - costs.static)
+
+
+def expected_macs(gated: nn.Module, attention_matmuls: bool = True) -> ExpectedCost:
+    return expected_cost(gated, unit_costs(describe(gated), attention_matmuls))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cost import ExpectedMacs
+from .cost import ExpectedCost
 
 
 def kd_loss(
@@ -36,8 +36,8 @@ def kd_loss(
     return (1.0 - alpha) * ce + alpha * temperature**2 * kl
 
 
-def cost_penalties(expected: ExpectedMacs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_macro, L_micro): expected macro and micro MACs over the dense prunable MACs. Their sum is the
+def cost_penalties(expected: ExpectedCost) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_macro, L_micro): expected macro and micro cost over the dense prunable cost. Their sum is the
     expected fraction of prunable compute kept (1.0 for the dense model)."""
     return expected.macro / expected.dense_prunable, expected.micro / expected.dense_prunable
 

@@ -5,8 +5,9 @@
 
 Writes into `--out`: `checkpoint.pt` (every epoch, atomic; rerunning the same command resumes),
 `history.csv` (per epoch: accuracy, loss terms, temperature, expected and hard MACs), `gates.csv` (tidy
-gate state per epoch and layer), `metrics.json` (final, for `dvc metrics show`) and `model/` (the
-extracted model, `load_pruned`-able).
+gate state per epoch and layer), `budget.csv` (budget-exact mode: penalty scale, target and hardened
+cost per step), `metrics.json` (final, for `dvc metrics show`) and `model/` (the extracted model,
+`load_pruned`-able).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from tqdm.auto import tqdm
 
 from . import torchvision_compat  # noqa: F401  (before timm)
 from .baselines import prune_to_target
+from .arch import describe
+from .budget import BudgetController, minimum_cost, round_to_budget
 from .config import ConfigError, RunConfig, config_from_params
-from .cost import count_macs, expected_macs
+from .cost import UnitCosts, count_macs, expected_cost, expected_macs, load_cost_table, spec_cost, unit_costs
 from .data import DatasetError, build_loaders
 from .extract import extract, structure_summary
 from .files import atomic_write
@@ -130,6 +133,36 @@ def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
     return prune_to_target(dense.eval(), cfg.method, cfg.target_macs)
 
 
+def cost_model(cfg: RunConfig, spec) -> UnitCosts:
+    """The unit costs the penalties use: MACs, or the measured latency table (`hiap.cost`)."""
+    if cfg.hiap.cost == "macs":
+        return unit_costs(spec)
+    try:
+        return load_cost_table(cfg.hiap.cost_table, spec)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise ConfigError(f"invalid config: hiap.cost_table = {cfg.hiap.cost_table!r}: {err}") from err
+
+
+def budget_controller(cfg: RunConfig, spec, costs: UnitCosts) -> BudgetController | None:
+    """Budget-exact mode's controller (None in lambda mode); impossible targets are refused here, before training."""
+    if not cfg.budget_exact:
+        return None
+    dense = spec_cost(spec.dense(), costs)
+    if cfg.hiap.cost == "latency":
+        name, target = "hiap.target_latency", cfg.hiap.target_latency
+    else:
+        name, target = "target_macs", cfg.target_macs if cfg.target_macs <= 1 else cfg.target_macs / dense
+    if target > 1:
+        raise ConfigError(f"invalid config: {name} = {cfg.target_macs!r}: above the dense model's {dense:,.0f} MACs; "
+                          "a budget must be at most the dense cost")
+    floor = minimum_cost(spec.dense(), costs, cfg.hiap.min_heads, cfg.hiap.min_value_fraction) / dense
+    if target < floor:
+        raise ConfigError(f"invalid config: {name} = {target:.4g} of dense is below {floor:.4g}, the smallest model the "
+                          "feasibility minimums allow (hiap.min_heads heads x hiap.min_value_fraction value dims per layer, "
+                          "no FFN): raise the target or lower those minimums")
+    return BudgetController(target, cfg.hiap.budget_lr, cfg.hiap.budget_ramp)
+
+
 def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict]:
     """Weight decay on matrices only; gate logits get their own learning rate and no decay."""
     gates = {id(p) for p in gate_parameters(model)}
@@ -173,10 +206,12 @@ def evaluate(model: nn.Module, loader, dist: Dist) -> tuple[float, float]:
     return correct / count, loss / count
 
 
-def _write_reports(out: Path, history: list[dict], gate_rows: list[dict]) -> None:
+def _write_reports(out: Path, history: list[dict], gate_rows: list[dict], budget_rows: list[dict]) -> None:
     atomic_write(out / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
     if gate_rows:
         atomic_write(out / "gates.csv", lambda p: pd.DataFrame(gate_rows).to_csv(p, index=False))
+    if budget_rows:
+        atomic_write(out / "budget.csv", lambda p: pd.DataFrame(budget_rows).to_csv(p, index=False))
 
 
 def gate_rows_for(model: nn.Module, epoch: int) -> list[dict]:
@@ -197,6 +232,14 @@ class Trainer:
         self.dist = dist or setup_distributed()
         self.out = Path(cfg.out)
         self.show = cfg.progress and self.dist.main and not os.environ.get("CI")
+        self.budget = None
+
+    def prepare_costs(self, gated: nn.Module) -> None:
+        """Unit costs of the penalties and, in budget-exact mode, the controller (refusing impossible targets)."""
+        spec = describe(gated)
+        self.costs = cost_model(self.cfg, spec)
+        self.dense_cost = spec_cost(spec.dense(), self.costs)
+        self.budget = budget_controller(self.cfg, spec, self.costs)
 
     def _log(self, message: str) -> None:
         if self.dist.main:
@@ -214,12 +257,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, teacher).to(dist.device)
         gated = cfg.method == "hiap"
+        if gated:
+            self.prepare_costs(model)
         optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr)
         steps_per_epoch = len(train_loader)
         total_steps = cfg.optim.epochs * steps_per_epoch
         warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
-        start_epoch, history, gate_rows = 0, [], []
+        start_epoch, history, gate_rows, self.budget_rows = 0, [], [], []
         checkpoint = self.out / "checkpoint.pt"
         state = torch.load(checkpoint, map_location=dist.device, weights_only=False) if checkpoint.is_file() else None
         if state is not None:
@@ -236,6 +281,9 @@ class Trainer:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, history, gate_rows = state["epoch"], state["history"], state["gate_rows"]
+            if self.budget is not None:
+                self.budget.load_state_dict(state["budget"])
+                self.budget_rows = state["budget_rows"]
             self._log(f"resuming {self.out} at epoch {start_epoch}/{cfg.optim.epochs}")
         elif gated and dist.main:
             gate_rows = gate_rows_for(model, 0)
@@ -272,6 +320,8 @@ class Trainer:
                 if cfg.optim.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
+                if self.budget is not None:
+                    self._budget_step(model, step, total_steps)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 if self.show:
@@ -283,7 +333,8 @@ class Trainer:
                    "steps_per_epoch": steps_per_epoch, "epoch_time_s": train_time, "train_images_per_s": steps_per_epoch * cfg.optim.batch_size / train_time}
             if gated:
                 exp = expected_macs(model)
-                row.update(tau=tau, expected_macs=float(exp.total.detach()), hard_macs=count_macs(model))
+                row.update(tau=tau, expected_macs=float(exp.total.detach()), hard_macs=count_macs(model),
+                           penalty_scale=self.budget.scale if self.budget is not None else 1.0)
                 gate_rows = gate_rows + gate_rows_for(model, epoch + 1)
             history = history + [row]
             self._log(f"[{cfg.method}] epoch {epoch + 1}/{cfg.optim.epochs} loss {row['train_loss']:.4f} "
@@ -293,8 +344,10 @@ class Trainer:
                 state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "history": history, "gate_rows": gate_rows, "config": cfg.to_dict(),
                          "rng": torch.get_rng_state()}
+                if self.budget is not None:
+                    state.update(budget=self.budget.state_dict(), budget_rows=self.budget_rows)
                 atomic_write(checkpoint, lambda p: torch.save(state, p))
-                _write_reports(self.out, history, gate_rows)
+                _write_reports(self.out, history, gate_rows, self.budget_rows)
         return self._finish(model, test_loader, history)
 
     def _loss(self, net, model, teacher, x, y) -> dict:
@@ -308,15 +361,33 @@ class Trainer:
         task = kd_loss(logits, teacher_logits, y, cfg.hiap.kd_alpha, cfg.hiap.kd_temperature, cfg.optim.label_smoothing)
         if cfg.method != "hiap":
             return {"loss": task, "task": task}
-        macro, micro = cost_penalties(expected_macs(model))
+        macro, micro = cost_penalties(expected_cost(model, self.costs))
         feas = feasibility_penalty(model, cfg.hiap.min_heads, cfg.hiap.min_value_fraction, cfg.hiap.min_neuron_fraction)
-        loss = task + cfg.hiap.lambda_macro * macro + cfg.hiap.lambda_micro * micro + cfg.hiap.lambda_feas * feas
+        scale = self.budget.scale if self.budget is not None else 1.0
+        loss = task + scale * (cfg.hiap.lambda_macro * macro + cfg.hiap.lambda_micro * micro) + cfg.hiap.lambda_feas * feas
         return {"loss": loss, "task": task, "macro": macro.detach(), "micro": micro.detach(), "feas": feas.detach()}
+
+    def _budget_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Dual ascent on the penalty scale from the hardened cost after this step's update."""
+        fraction = spec_cost(describe(model), self.costs) / self.dense_cost
+        progress = (step + 1) / total_steps
+        target = self.budget.target_at(progress)
+        scale = self.budget.update(fraction, progress)
+        self.budget_rows.append({"step": step + 1, "progress": progress, "cost_fraction": fraction,
+                                 "target_fraction": target, "penalty_scale": scale,
+                                 "lambda_macro": scale * self.cfg.hiap.lambda_macro, "lambda_micro": scale * self.cfg.hiap.lambda_micro})
 
     def _finish(self, model: nn.Module, test_loader, history: list[dict]) -> dict:
         """Extract (HiAP), evaluate the final plain model, save it, write metrics.json. Idempotent."""
         cfg, dist = self.cfg, self.dist
         model.eval()
+        budget = {}
+        if self.budget is not None:
+            before = spec_cost(describe(model), self.costs) / self.dense_cost
+            flipped = round_to_budget(model, self.costs, self.budget.target * self.dense_cost, cfg.hiap.budget_tolerance)
+            budget = {"cost": cfg.hiap.cost, "target_fraction": self.budget.target, "cost_fraction_before_rounding": before,
+                      "cost_fraction": spec_cost(describe(model), self.costs) / self.dense_cost, "rounded_units": flipped,
+                      "final_penalty_scale": self.budget.scale}
         if cfg.method == "hiap":
             final = extract(model)
         elif cfg.method == "dense":
@@ -338,6 +409,7 @@ class Trainer:
             "params": sum(p.numel() for p in final.parameters()),
             "epochs": cfg.optim.epochs,
             "train_time_s": sum(r["epoch_time_s"] for r in history),
+            **({"budget": budget} if budget else {}),
         }
         if dist.main:
             save_pruned(final, self.out / "model")
@@ -363,7 +435,8 @@ def study_run(params: dict, method: str, name: str, overrides: dict | None = Non
     cfg = config_from_params(params, method, {"out": str(RUNS / name), **(overrides or {})})
     metrics = Trainer(cfg, restart_on_config_change=True).run()
     REPORT_METRICS.mkdir(parents=True, exist_ok=True)
-    for source, target in (("metrics.json", f"{name}.json"), ("history.csv", f"{name}_history.csv"), ("gates.csv", f"{name}_gates.csv")):
+    for source, target in (("metrics.json", f"{name}.json"), ("history.csv", f"{name}_history.csv"),
+                           ("gates.csv", f"{name}_gates.csv"), ("budget.csv", f"{name}_budget.csv")):
         if (RUNS / name / source).is_file():
             atomic_write(REPORT_METRICS / target, lambda p, s=source: shutil.copyfile(RUNS / name / s, p))
     return metrics

@@ -1,0 +1,145 @@
+"""Budget-exact mode: the controller, the feasibility floor, rounding to the budget and impossible targets."""
+
+import json
+
+import pytest
+import torch
+from conftest import gate_states, gated_copy, make_vit
+from hypothesis import given, strategies as st
+
+import hiap_core
+from hiap_core import train as engine
+from hiap_core.budget import BudgetController, minimum_cost, round_to_budget
+from hiap_core.config import ConfigError, config_from_params
+
+TINY = {
+    "data": {"dataset": "fashion_mnist", "train_subset": 256, "test_subset": 128},
+    "model": {"name": "custom", "img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 32, "depth": 2,
+              "num_heads": 2, "mlp_ratio": 2.0, "num_classes": 10},
+    "hiap": {"epochs": 1, "batch_size": 64, "min_heads": 1, "min_value_fraction": 0.125},
+}
+
+
+def test_target_ramps_cubically_from_dense_to_the_target():
+    controller = BudgetController(target=0.5, ramp=0.5)
+    assert controller.target_at(0.0) == 1.0
+    assert controller.target_at(0.25) == pytest.approx(0.5 + 0.5 * 0.5**3)
+    assert controller.target_at(0.5) == controller.target_at(1.0) == 0.5
+    assert BudgetController(target=0.7, ramp=0.0).target_at(0.0) == 0.7
+
+
+def test_dual_ascent_raises_the_scale_over_budget_and_lowers_it_under():
+    controller = BudgetController(target=0.5, lr=0.1, ramp=0.0)
+    up = controller.update(0.75, 1.0)  # 50% over: log scale += 0.05
+    assert up == pytest.approx(torch.exp(torch.tensor(0.05)).item())
+    controller.update(0.25, 1.0)  # 50% under: back to 1
+    assert controller.scale == pytest.approx(1.0)
+    for _ in range(10_000):
+        controller.update(1.0, 1.0)
+    assert controller.log_scale == BudgetController.MAX_LOG_SCALE  # bounded, stays finite
+    restored = BudgetController(target=0.5)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.scale == controller.scale
+
+
+def test_controller_lands_on_the_target_of_a_simple_plant():
+    """A cost that follows the penalty scale with a lag (cost relaxes toward 1 / (1 + s)) settles on target."""
+    controller, cost = BudgetController(target=0.6, lr=0.2, ramp=0.3), 1.0
+    for step in range(2000):
+        controller.update(cost, (step + 1) / 2000)
+        cost += 0.05 * (1.0 / (1.0 + controller.scale) * 1.2 - cost)
+    assert cost == pytest.approx(0.6, rel=0.01)
+
+
+def test_minimum_cost_is_the_cheapest_feasible_architecture():
+    model = make_vit(depth=2, num_heads=3, embed_dim=24)  # head_dim 8
+    spec = hiap_core.describe(model)
+    costs = hiap_core.unit_costs(spec)
+    gated = gated_copy(model)
+    state = [{"heads": torch.tensor([True, False, False]), "values": torch.tensor([[True] + [False] * 7] * 3),
+              "ffn": False} for _ in range(2)]
+    hiap_core.set_gate_state(gated, state)
+    assert minimum_cost(spec, costs, min_heads=1, min_value_fraction=0.125) == hiap_core.count_macs(gated)
+    assert minimum_cost(spec, costs, min_heads=0, min_value_fraction=0.125) == costs.static
+
+
+@given(state=gate_states(depth=2, heads=3, head_dim=8, hidden=48), target=st.floats(0.2, 1.0))
+def test_round_to_budget_lands_within_one_unit_and_keeps_the_structure(state, target):
+    gated = gated_copy(make_vit(depth=2, num_heads=3, embed_dim=24))
+    hiap_core.set_gate_state(gated, state)
+    with torch.no_grad():  # distinct logits near the threshold, same signs
+        for gate in hiap_core.gate_parameters(gated):
+            gate.mul_(torch.rand_like(gate) * 0.5 + 1e-3)
+    before = hiap_core.describe(gated)
+    costs = hiap_core.unit_costs(before)
+    target_cost = target * hiap_core.count_macs(before.dense())
+    start = hiap_core.count_macs(before)
+    flipped = round_to_budget(gated, costs, target_cost, tolerance=0.005)
+    after = hiap_core.describe(gated)
+    cost = hiap_core.count_macs(gated)
+    structure = [[(sorted(layer.heads), layer.mlp_hidden is None, layer.mlp_hidden == 0) for layer in s.layers] for s in (before, after)]
+    assert structure[0] == structure[1]  # no head or FFN appears or disappears
+    step = max(costs.beta, costs.gamma)
+    if abs(start / target_cost - 1) <= 0.005:
+        assert flipped == 0 and cost == start
+    elif start > target_cost:
+        at_floor = all(v == 1 for layer in after.layers for v in layer.value_dims) and all(
+            (layer.mlp_hidden or 0) <= 1 for layer in after.layers)
+        assert target_cost - step < cost <= target_cost or (at_floor and cost > target_cost)
+    else:
+        at_ceiling = all(v == 8 for layer in after.layers for v in layer.value_dims) and all(
+            layer.mlp_hidden in (None, 0, 48) for layer in after.layers)
+        assert target_cost <= cost < target_cost + step or (at_ceiling and cost < target_cost)
+    assert cost == start + (costs.beta * (sum(map(sum, (l.value_dims for l in after.layers))) - sum(map(sum, (l.value_dims for l in before.layers))))
+                            + costs.gamma * (sum(l.mlp_hidden or 0 for l in after.layers) - sum(l.mlp_hidden or 0 for l in before.layers)))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # the extracted model still equals the hardened gated model
+        torch.testing.assert_close(hiap_core.extract(gated)(x), gated(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"target_macs": 1.5e12}, "above the dense model"),
+        ({"target_macs": 0.01}, "below .* the smallest model the feasibility minimums allow"),
+        ({"hiap.cost": "latency", "hiap.cost_table": "/nonexistent.json", "hiap.target_latency": 0.5}, "cost_table"),
+    ],
+)
+def test_impossible_targets_are_refused_before_training(overrides, match, tmp_path):
+    cfg = config_from_params(TINY, "hiap", {"teacher": "t", "out": str(tmp_path), **overrides})
+    dense = engine.build_dense_model(cfg)
+    trainer = engine.Trainer(cfg)
+    with pytest.raises(ConfigError, match=match):
+        trainer.prepare_costs(hiap_core.gate_vit(dense))
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"target_macs": 0.0}, "target_macs"),
+        ({"hiap.cost": "flops"}, "hiap.cost"),
+        ({"hiap.cost": "latency", "hiap.cost_table": None}, "hiap.cost_table"),
+        ({"hiap.target_latency": 0.5}, "hiap.target_latency"),
+        ({"hiap.cost": "latency", "hiap.cost_table": "t.json", "target_macs": 0.5}, "target_macs"),
+        ({"hiap.budget_ramp": 1.0}, "hiap.budget_ramp"),
+        ({"hiap.budget_tolerance": 0.2}, "hiap.budget_tolerance"),
+    ],
+)
+def test_invalid_budget_settings_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        config_from_params(TINY, "hiap", {"teacher": "t", **overrides})
+    assert f"{field} = " in str(err.value) and "\n" not in str(err.value)
+
+
+def test_latency_cost_table_must_match_the_architecture(tmp_path):
+    spec = hiap_core.describe(make_vit())
+    table = {"unit": "ms", "spec": spec.dense().to_dict(),
+             "coefficients": {"static": 1.0, "head": 0.5, "value_dim": 0.01, "neuron": 0.02}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    costs = hiap_core.load_cost_table(path, spec)
+    assert (costs.alpha, costs.beta, costs.gamma, costs.static, costs.unit) == (0.5, 0.01, 0.02, 1.0, "ms")
+    with pytest.raises(ValueError, match="another architecture"):
+        hiap_core.load_cost_table(path, hiap_core.describe(make_vit(depth=3)))
+    with pytest.raises(FileNotFoundError, match="hiap_core.latency"):
+        hiap_core.load_cost_table(tmp_path / "missing.json", spec)
