@@ -1,0 +1,76 @@
+"""Deployment formats for an extracted model: ONNX (checked against PyTorch in onnxruntime) and
+`torch.export`. The batch dimension stays dynamic in both."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .files import atomic_write
+from .pruned import PrunedViT
+
+ONNX_OPSET = 18
+INPUT, OUTPUT = "images", "logits"
+
+
+def _example(model: PrunedViT, batch_size: int = 2) -> torch.Tensor:
+    spec = model.spec
+    return torch.randn(batch_size, spec.in_chans, *spec.img_size)
+
+
+def export_program(model: PrunedViT) -> torch.export.ExportedProgram:
+    """`torch.export` of an extracted model (eval mode), with a dynamic batch dimension."""
+    if not isinstance(model, PrunedViT):
+        raise TypeError(f"export needs an extracted PrunedViT (hiap_core.extract or load_pruned), got {type(model).__name__}")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        return torch.export.export(model.eval(), (_example(model),), dynamic_shapes=({0: batch},))
+
+
+def export_onnx(model: PrunedViT, path: str | os.PathLike, check: bool = True, atol: float = 1e-4) -> Path:
+    """Write `model` as one self-contained ONNX file (input `images`, output `logits`, dynamic batch).
+
+    With `check`, onnxruntime runs it on random images and the largest difference from PyTorch must be
+    <= `atol`, else a ValueError is raised and no file is left behind."""
+    program = export_program(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own progress chatter
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET, input_names=[INPUT],
+                                         output_names=[OUTPUT], external_data=False, verbose=False)
+
+    def write(tmp: Path) -> None:
+        onnx_program.save(str(tmp), external_data=False)
+        if check:
+            diff = onnx_max_abs_diff(model, tmp)
+            if diff > atol:
+                raise ValueError(f"onnxruntime output differs from PyTorch by {diff:.3g} > {atol:g}")
+
+    return atomic_write(path, write)
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_max_abs_diff(model: nn.Module, path: str | os.PathLike, batch_sizes=(1, 5)) -> float:
+    """Largest |onnxruntime - PyTorch| over random batches of the given sizes."""
+    session = onnx_session(path)
+    worst = 0.0
+    for batch in batch_sizes:
+        x = _example(model, batch)
+        with torch.inference_mode():
+            expected = model.eval()(x).numpy()
+        got = session.run([OUTPUT], {INPUT: x.numpy()})[0]
+        worst = max(worst, float(np.abs(got - expected).max()))
+    return worst
