@@ -13,6 +13,7 @@ from .cost import (
     spec_cost,
     unit_costs,
 )
+from .export import export_onnx, export_program
 from .extract import extract, structure_summary
 from .gated_vit import (
     GatedAttention,
@@ -31,7 +32,7 @@ from .pruned import PrunedViT, load_pruned, save_pruned, set_fused_attention
 __all__ = [
     "ExpectedCost", "GatedAttention", "GatedMlp", "GumbelSigmoidGate", "LayerSpec", "PrunedViT", "UnitCosts",
     "ViTSpec", "cost_penalties", "count_macs", "count_params", "dense_prunable_macs", "describe",
-    "expected_cost", "expected_macs", "extract", "feasibility_penalty", "gate_parameters", "gate_vit", "gated_blocks",
+    "expected_cost", "expected_macs", "export_onnx", "export_program", "extract", "feasibility_penalty", "gate_parameters", "gate_vit", "gated_blocks",
     "hard_gate_state", "kd_loss", "load_cost_table", "load_pruned", "save_pruned", "set_fused_attention", "set_gate_state",
     "set_temperature", "spec_cost", "structure_summary", "temperature_at", "unit_costs",
 ]

@@ -67,39 +67,67 @@ def minimum_cost(spec: ViTSpec, costs: UnitCosts, min_heads: float, min_value_fr
     return costs.static + len(spec.layers) * heads * (costs.alpha + costs.beta * dims)
 
 
-def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance: float) -> int:
-    """If the hardened cost is further than `tolerance` (relative) from `target` (absolute cost), close
-    (or open) the open (closed) value dims and neurons of live heads and FFNs whose logits are nearest 0,
-    one at a time, until the cost crosses the target. Every live head and FFN keeps its most confident
-    unit, so no structure appears or disappears and the linear cost stays exact. Returns the number of units flipped."""
+def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance: float, min_heads: float = 1) -> int:
+    """Flip the least confident gates (logits nearest 0) until the hardened cost (absolute, `costs` units)
+    is within `tolerance` (relative) of `target`; returns the number of units flipped.
+
+    Over budget: close open value dims and neurons, then, if those run out, whole heads (each layer keeps
+    its `ceil(min_heads)` most confident ones); under budget (at first or after closing heads): open closed
+    value dims and neurons. Every live head and FFN keeps its most confident unit, so the cost stays the
+    linear sum the controller steered, and the result is within one value dim or neuron of the target."""
     from .gated_vit import gated_blocks
 
+    blocks = gated_blocks(gated)
     cost = spec_cost(describe(gated), costs)
-    if abs(cost / target - 1.0) <= tolerance:
-        return 0
-    closing = cost > target
-    candidates = []  # (logit, gate, flat index, unit cost)
-
-    def add(gate: nn.Module, logits, offset: int, unit_cost: float) -> None:
-        is_open = logits > 0
-        if not is_open.any():
-            return
-        keep = int(logits.argmax())  # closing never empties a head or an FFN
-        candidates.extend((float(logits[i]), gate, offset + i, unit_cost)
-                          for i in range(len(logits)) if bool(is_open[i]) == closing and not (closing and i == keep))
-
-    for attn, mlp in gated_blocks(gated):
-        values = attn.value_gate.logits.detach().view(attn.num_heads, attn.head_dim)
-        for h in map(int, attn.head_gate.hard().nonzero()):
-            add(attn.value_gate, values[h], h * attn.head_dim, costs.beta)
-        if mlp.block_gate.hard()[0]:
-            add(mlp.neuron_gate, mlp.neuron_gate.logits.detach(), 0, costs.gamma)
-    candidates.sort(key=lambda c: abs(c[0]))
     flipped = 0
-    for _, gate, index, unit_cost in candidates:
-        if (cost <= target) if closing else (cost >= target):
-            break
-        gate.logits.data[index] = -1e-3 if closing else 1e-3  # just across the threshold: the least sure units
-        cost += -unit_cost if closing else unit_cost
-        flipped += 1
+
+    def micro_units(closing: bool) -> list:
+        """(confidence, gate, index, cost) of the value dims and neurons that could flip in live structures."""
+        units = []
+
+        def add(gate: nn.Module, logits, offset: int, unit_cost: float) -> None:
+            is_open = logits > 0
+            if not is_open.any():
+                return
+            keep = int(logits.argmax())  # closing never empties a head or an FFN
+            units.extend((abs(float(logits[i])), gate, offset + i, unit_cost)
+                         for i in range(len(logits)) if bool(is_open[i]) == closing and not (closing and i == keep))
+
+        for attn, mlp in blocks:
+            values = attn.value_gate.logits.detach().view(attn.num_heads, attn.head_dim)
+            for h in map(int, attn.head_gate.hard().nonzero()):
+                add(attn.value_gate, values[h], h * attn.head_dim, costs.beta)
+            if mlp.block_gate.hard()[0]:
+                add(mlp.neuron_gate, mlp.neuron_gate.logits.detach(), 0, costs.gamma)
+        return units
+
+    def heads() -> list:
+        units = []
+        for attn, _ in blocks:
+            logits = attn.head_gate.logits.detach()
+            open_dims = attn.value_gate.hard().view(attn.num_heads, attn.head_dim).sum(dim=1)
+            alive = attn.head_gate.hard() & (open_dims > 0)  # an open head without value dims costs nothing already
+            live = sorted(map(int, alive.nonzero()), key=lambda h: -float(logits[h]))
+            units.extend((float(logits[h]), attn.head_gate, h, costs.alpha + costs.beta * int(open_dims[h]))
+                         for h in live[max(1, math.ceil(min_heads)):])
+        return units
+
+    def flip(units: list, closing: bool) -> None:
+        nonlocal cost, flipped
+        for _, gate, index, unit_cost in sorted(units, key=lambda u: u[0]):
+            if (cost <= target) if closing else (cost >= target):
+                return
+            gate.logits.data[index] = -1e-3 if closing else 1e-3  # just across the threshold: the least sure units
+            cost += -unit_cost if closing else unit_cost
+            flipped += 1
+
+    def within() -> bool:
+        return abs(cost / target - 1.0) <= tolerance
+
+    if not within() and cost > target:
+        flip(micro_units(closing=True), closing=True)
+        if not within() and cost > target:
+            flip(heads(), closing=True)
+    if not within() and cost < target:
+        flip(micro_units(closing=False), closing=False)
     return flipped

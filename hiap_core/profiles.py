@@ -32,6 +32,8 @@ PROFILES = {
         "baselines": {"epochs": 1, "batch_size": 64},
         "sweep": {"epochs": 1, "train_subset": 128},
         "latency": {"batch1_runs": 3, "batch64_runs": 2},
+        "cost_table": {"fit_models": 8, "eval_models": 3, "runs": 2},
+        "budget_exact": {"target_latency": 1.0},  # any lower target may fall below a tiny model's measured floor
         "bench": {"train_batch": 16, "train_rounds": 1, "batch1_runs": 3, "batch64_runs": 2},
     },
 }

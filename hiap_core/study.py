@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -17,11 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from .arch import ViTSpec  # noqa: E402
 from .bench import alternate  # noqa: E402
 from .cost import count_macs  # noqa: E402
+from .export import INPUT as ONNX_INPUT, export_onnx, onnx_max_abs_diff, onnx_session  # noqa: E402
 from .files import atomic_write  # noqa: E402
+from .latency import predict_ms  # noqa: E402
 from .losses import temperature_at  # noqa: E402
 from .pruned import load_pruned  # noqa: E402
 from .train import RUNS  # noqa: E402
@@ -163,24 +167,124 @@ def architecture_plot(spec: ViTSpec, title: str):
     return fig
 
 
-def latency_table(names: list[str], batches: dict[int, int], threads: int = 2) -> pd.DataFrame:
-    """Median latency of each run's extracted model vs the dense run's, measured alternately."""
+def _median_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def latency_table(names: list[str], batches: dict[int, int], threads: int = 2, onnx: bool = True) -> pd.DataFrame:
+    """Median latency of each run's extracted model vs the dense run's, measured alternately, in PyTorch
+    and (with `onnx`) in onnxruntime on the model exported by `export_onnx` (its largest difference from
+    PyTorch in `onnx_max_abs_diff`)."""
     torch.set_num_threads(threads)
     models = {name: load_pruned(RUNS / name / "model") for name in names}
     dense_name = next(n for n in names if run_metrics(n)["method"] == "dense")
     spec = models[dense_name].spec
+    sessions, diffs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model in (tqdm(models.items(), desc="ONNX export", leave=False) if onnx else ()):
+            path = export_onnx(model, Path(tmp) / f"{name}.onnx")
+            sessions[name], diffs[name] = onnx_session(path, threads), onnx_max_abs_diff(model, path)
     rows = []
     for batch, runs in batches.items():
         x = torch.randn(batch, spec.in_chans, *spec.img_size)
-        with torch.inference_mode():
-            for name, model in models.items():
-                times = alternate({"dense": lambda: models[dense_name](x), "model": lambda m=model: m(x)}, runs, warmup=3)
-                dense_ms, model_ms = (1e3 * statistics.median(times[k]) for k in ("dense", "model"))
-                mac_ratio = count_macs(models[dense_name]) / count_macs(model)
-                rows.append({"run": name, "batch": batch, "runs": runs, "dense_ms": dense_ms, "model_ms": model_ms,
-                             "speedup": dense_ms / model_ms, "mac_ratio": mac_ratio,
-                             "speedup_over_mac_ratio": dense_ms / model_ms / mac_ratio})
+        feed = {ONNX_INPUT: x.numpy()}
+        for name, model in tqdm(models.items(), desc=f"latency, batch {batch}", leave=False):
+            calls = {"dense": lambda: models[dense_name](x), "model": lambda m=model: m(x)}
+            if onnx:
+                calls.update({"ort_dense": lambda: sessions[dense_name].run(None, feed),
+                              "ort_model": lambda s=sessions[name]: s.run(None, feed)})
+            with torch.inference_mode():
+                ms = _median_ms(alternate(calls, runs, warmup=3))
+            mac_ratio = count_macs(models[dense_name]) / count_macs(model)
+            row = {"run": name, "batch": batch, "runs": runs, "dense_ms": ms["dense"], "model_ms": ms["model"],
+                   "speedup": ms["dense"] / ms["model"], "mac_ratio": mac_ratio,
+                   "speedup_over_mac_ratio": ms["dense"] / ms["model"] / mac_ratio}
+            if onnx:
+                row.update(ort_dense_ms=ms["ort_dense"], ort_model_ms=ms["ort_model"],
+                           ort_speedup=ms["ort_dense"] / ms["ort_model"], onnx_max_abs_diff=diffs[name])
+            rows.append(row)
     return pd.DataFrame(rows)
+
+
+def latency_vs_macs_target(latency: pd.DataFrame, macs_run: str, latency_run: str, cost_table: dict) -> pd.DataFrame:
+    """The MACs-targeted and the latency-targeted run side by side: MACs, the cost table's predicted and the
+    measured latency (both runtimes, the table's batch size), accuracy, and the speedup of one over the other."""
+    batch = cost_table["batch_size"]
+    measured = latency[latency["batch"] == batch].set_index("run")
+    rows = []
+    for name, target in ((macs_run, "MACs"), (latency_run, "latency")):
+        m, spec = run_metrics(name), load_pruned(RUNS / name / "model").spec
+        predicted = predict_ms(cost_table["coefficients"], spec) / cost_table["dense_predicted_ms"]
+        rows.append({"run": name, "targets": target, "target_fraction": m["budget"]["target_fraction"],
+                     "macs_fraction": m["macs_fraction"], "predicted_latency_fraction": predicted,
+                     "measured_latency_fraction": 1 / measured.loc[name, "speedup"],
+                     "ort_latency_fraction": 1 / measured.loc[name, "ort_speedup"],
+                     "model_ms": measured.loc[name, "model_ms"], "ort_model_ms": measured.loc[name, "ort_model_ms"],
+                     "accuracy_pct": 100 * m["test_acc"]})
+    table = pd.DataFrame(rows)
+    table["speedup_vs_macs_targeted"] = table["model_ms"].iloc[0] / table["model_ms"]
+    table["ort_speedup_vs_macs_targeted"] = table["ort_model_ms"].iloc[0] / table["ort_model_ms"]
+    return table
+
+
+def budget_table(targets: dict[str, float], hand_tuned: dict[str, str], hiap: dict) -> pd.DataFrame:
+    """Each budget-exact run (`budget_<key>`) against its target, beside the hand-tuned lambda run
+    `hiap_<hand_tuned[key]>` of `hiap.budgets` (the paper's way to reach about the same MACs)."""
+    rows = []
+    for key, target in targets.items():
+        lambdas = {f"budget_{key}": (hiap["lambda_macro"], hiap["lambda_micro"])}
+        tuned = hiap["budgets"][hand_tuned[key]]
+        lambdas[f"hiap_{hand_tuned[key]}"] = (tuned["lambda_macro"], tuned["lambda_micro"])
+        for name, (lambda_macro, lambda_micro) in lambdas.items():
+            m = run_metrics(name)
+            budget = m.get("budget", {})
+            scale = budget.get("final_penalty_scale", 1.0)
+            rows.append({
+                "target": key, "run": name, "mode": "budget-exact" if budget else "hand-tuned lambdas",
+                "target_fraction": target, "macs_fraction": m["macs_fraction"],
+                "error_pct": 100 * (m["macs_fraction"] / target - 1),
+                "before_rounding_fraction": budget.get("cost_fraction_before_rounding", float("nan")),
+                "rounded_units": budget.get("rounded_units", float("nan")),
+                "final_lambda_macro": scale * lambda_macro, "final_lambda_micro": scale * lambda_micro,
+                "accuracy_pct": 100 * m["test_acc"],
+            })
+    return pd.DataFrame(rows)
+
+
+def budget_trajectory_plot(names: list[str]):
+    """Per step of each budget-exact run: hardened cost vs the moving target (top) and the adapted lambdas (bottom)."""
+    fig, (ax_cost, ax_lambda) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for i, name in enumerate(names):
+        trajectory = pd.read_csv(RUNS / name / "budget.csv")
+        color = plt.cm.tab10(i)
+        ax_cost.plot(trajectory["progress"], trajectory["cost_fraction"], color=color, label=f"{name}: hardened cost")
+        ax_cost.plot(trajectory["progress"], trajectory["target_fraction"], color=color, ls="--", lw=1, label=f"{name}: target")
+        ax_lambda.plot(trajectory["progress"], trajectory["lambda_macro"], color=color, label=f"{name}: lambda_macro")
+        ax_lambda.plot(trajectory["progress"], trajectory["lambda_micro"], color=color, ls=":", label=f"{name}: lambda_micro")
+    ax_cost.set_ylabel("fraction of dense cost")
+    ax_cost.set_title("Budget-exact mode: dual ascent on the penalty scale")
+    ax_lambda.set_yscale("log")
+    ax_lambda.set_ylabel("penalty weight")
+    ax_lambda.set_xlabel("fraction of training")
+    for ax in (ax_cost, ax_lambda):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def cost_table_plot(samples: pd.DataFrame, table: dict):
+    """Measured vs predicted latency of every timed model: the fit set and the held-out random extracted models."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    sns.scatterplot(data=samples, x="ms", y="predicted_ms", hue="role", style="role", s=50, ax=ax)
+    lo, hi = samples[["ms", "predicted_ms"]].min().min(), samples[["ms", "predicted_ms"]].max().max()
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--")
+    held_out = table["evaluation"]
+    ax.set_title(f"Linear latency model, batch {table['batch_size']}: held-out R^2 {held_out['r2']:.3f}, "
+                 f"max error {100 * held_out['max_relative_error']:.1f}%", fontsize=9)
+    ax.set_xlabel("measured (ms)")
+    ax.set_ylabel("predicted (ms)")
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def latency_plot(table: pd.DataFrame):

@@ -384,7 +384,8 @@ class Trainer:
         budget = {}
         if self.budget is not None:
             before = spec_cost(describe(model), self.costs) / self.dense_cost
-            flipped = round_to_budget(model, self.costs, self.budget.target * self.dense_cost, cfg.hiap.budget_tolerance)
+            flipped = round_to_budget(model, self.costs, self.budget.target * self.dense_cost, cfg.hiap.budget_tolerance,
+                                      cfg.hiap.min_heads)
             budget = {"cost": cfg.hiap.cost, "target_fraction": self.budget.target, "cost_fraction_before_rounding": before,
                       "cost_fraction": spec_cost(describe(model), self.costs) / self.dense_cost, "rounded_units": flipped,
                       "final_penalty_scale": self.budget.scale}

@@ -127,6 +127,41 @@ def test_dense_hiap_and_baselines_end_to_end(dense_run, tmp_path):
         assert hiap_core.count_macs(hiap_core.load_pruned(tmp_path / method / "model")) == metrics["macs"]
 
 
+@needs_fashion
+def test_budget_exact_run_lands_on_the_target(dense_run, tmp_path):
+    target = 0.6
+    metrics = engine.train(tiny_cfg("hiap", tmp_path, teacher=str(dense_run[0]), target_macs=target))
+    assert abs(metrics["macs_fraction"] / target - 1) <= 0.01
+    assert hiap_core.count_macs(hiap_core.load_pruned(tmp_path / "model")) == metrics["macs"]
+    budget = metrics["budget"]
+    assert budget["cost"] == "macs" and budget["target_fraction"] == target
+    assert budget["cost_fraction"] == pytest.approx(metrics["macs_fraction"])
+    trajectory = pd.read_csv(tmp_path / "budget.csv")
+    assert list(trajectory["step"]) == list(range(1, 3 * 6 + 1))  # every optimizer step: 3 epochs x 384/64
+    assert trajectory["target_fraction"].iloc[0] < 1 and trajectory["target_fraction"].iloc[-1] == target
+    assert (trajectory["lambda_macro"] == 2 * trajectory["lambda_micro"]).all()  # the ratio is kept
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["penalty_scale"].iloc[-1] == pytest.approx(trajectory["penalty_scale"].iloc[-1])
+
+
+@needs_fashion
+def test_latency_cost_run_lands_on_a_latency_target(dense_run, tmp_path):
+    """`hiap.cost: latency` drives the same penalties and budget from a cost table (here a made-up one in
+    which heads are dear: the run must land on the target in table units, not in MACs)."""
+    spec = hiap_core.load_pruned(dense_run[0] / "model").spec
+    table = {"unit": "ms", "spec": spec.dense().to_dict(),
+             "coefficients": {"static": 2.0, "head": 1.0, "value_dim": 0.01, "neuron": 0.005}}
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    cfg = tiny_cfg("hiap", tmp_path / "run", teacher=str(dense_run[0]), **{
+        "hiap.cost": "latency", "hiap.cost_table": str(tmp_path / "table.json"), "hiap.target_latency": 0.7})
+    metrics = engine.train(cfg)
+    costs = hiap_core.load_cost_table(tmp_path / "table.json", spec)
+    final = hiap_core.load_pruned(tmp_path / "run" / "model").spec
+    fraction = hiap_core.spec_cost(final, costs) / hiap_core.spec_cost(spec.dense(), costs)
+    assert metrics["budget"]["cost"] == "latency" and metrics["budget"]["cost_fraction"] == pytest.approx(fraction)
+    assert abs(fraction / 0.7 - 1) <= 0.01
+
+
 def test_baselines_reach_targets_or_say_why():
     from conftest import cifar_vit_tiny
 
@@ -191,7 +226,8 @@ def write_params(path):
 @needs_fashion
 def test_killed_run_resumes_to_the_same_result(dense_run, tmp_path):
     params = write_params(tmp_path / "params.yaml")
-    common = ["--params", str(params), "--method", "hiap", "--set", f"teacher={dense_run[0]}"]
+    # budget-exact mode: the controller's state must survive the kill too
+    common = ["--params", str(params), "--method", "hiap", "--set", f"teacher={dense_run[0]}", "target_macs=0.6"]
     full = cli([*common, "--out", str(tmp_path / "full")])
     assert full.wait(timeout=300) == 0, full.stdout.read()
 
@@ -200,7 +236,7 @@ def test_killed_run_resumes_to_the_same_result(dense_run, tmp_path):
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)  # into the second epoch
+    # killed as soon as epoch 1 is saved: somewhere in epoch 2 (the tiny run's epochs take well under a second)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "metrics.json").exists(), "the run finished before it was killed"
@@ -213,7 +249,8 @@ def test_killed_run_resumes_to_the_same_result(dense_run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = ["epoch_time_s", "train_images_per_s"]
     pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / "history.csv").drop(columns=drop) for run in ("full", "killed")))
-    pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / "gates.csv") for run in ("full", "killed")))
+    for report in ("gates.csv", "budget.csv"):
+        pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / report) for run in ("full", "killed")))
 
 
 @needs_fashion

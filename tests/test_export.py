@@ -1,0 +1,64 @@
+"""ONNX and torch.export of extracted models: outputs equal PyTorch, the batch stays dynamic, bad input is refused."""
+
+import pytest
+import torch
+from conftest import TINY_VARIANTS, gated_copy, make_vit
+
+import hiap_core
+from hiap_core import export
+
+GEN_SEED = 7
+
+
+def pruned_variant(name: str) -> hiap_core.PrunedViT:
+    """An extracted model of a tiny variant under a random gate state with one FFN removed."""
+    gated = gated_copy(make_vit(**TINY_VARIANTS[name]))
+    gen = torch.Generator().manual_seed(GEN_SEED)
+    state = []
+    for i, (attn, mlp) in enumerate(hiap_core.gated_blocks(gated)):
+        heads = torch.rand(attn.num_heads, generator=gen) < 0.7
+        heads[0] = True
+        values = torch.rand(attn.num_heads, attn.head_dim, generator=gen) < 0.6
+        values[:, 0] = True
+        state.append({"heads": heads, "values": values, "ffn": i != 0,
+                      "neurons": torch.rand(mlp.fc1.out_features, generator=gen) < 0.5})
+    hiap_core.set_gate_state(gated, state)
+    return hiap_core.extract(gated).eval()
+
+
+@pytest.mark.parametrize("name", sorted(TINY_VARIANTS))
+def test_onnx_matches_pytorch_at_any_batch(name, tmp_path):
+    model = pruned_variant(name)
+    path = hiap_core.export_onnx(model, tmp_path / "model.onnx")
+    assert path.is_file() and not [p for p in tmp_path.iterdir() if p != path]  # one self-contained file, no temp left
+    session = export.onnx_session(path, threads=1)
+    assert [i.name for i in session.get_inputs()] == ["images"] and [o.name for o in session.get_outputs()] == ["logits"]
+    x = torch.randn(7, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_torch_export_matches_pytorch_with_a_dynamic_batch():
+    model = pruned_variant("cls_token")
+    program = export.export_program(model)
+    for batch in (1, 6):
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), atol=1e-6, rtol=0)
+
+
+def test_export_refuses_a_model_that_is_not_extracted(tmp_path):
+    with pytest.raises(TypeError, match="extract"):
+        hiap_core.export_onnx(make_vit(), tmp_path / "dense.onnx")
+    with pytest.raises(TypeError, match="extract"):
+        export.export_program(gated_copy(make_vit()))
+
+
+def test_a_failed_onnx_check_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "onnx_max_abs_diff", lambda model, path: 0.5)
+    with pytest.raises(ValueError, match="differs from PyTorch by 0.5"):
+        hiap_core.export_onnx(pruned_variant("cls_token"), tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []

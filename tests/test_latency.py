@@ -1,0 +1,75 @@
+"""The latency cost table: the linear fit, its quality measures, a real (tiny) measurement, and its use as a cost."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_vit
+from hypothesis import given, strategies as st
+
+import hiap_core
+from hiap_core import latency
+
+
+def synthetic_samples(coefficients: dict, n: int, seed: int = 0) -> pd.DataFrame:
+    gen = np.random.default_rng(seed)
+    samples = pd.DataFrame({"heads": gen.integers(1, 36, n), "value_dims": gen.integers(8, 2300, n), "neurons": gen.integers(0, 9000, n)})
+    samples["ms"] = (coefficients["static"] + coefficients["head"] * samples["heads"]
+                     + coefficients["value_dim"] * samples["value_dims"] + coefficients["neuron"] * samples["neurons"])
+    return samples
+
+
+@given(static=st.floats(0, 50), head=st.floats(0, 2), value_dim=st.floats(0, 0.05), neuron=st.floats(0, 0.05))
+def test_fit_recovers_the_coefficients_of_a_linear_latency(static, head, value_dim, neuron):
+    truth = {"static": static, "head": head, "value_dim": value_dim, "neuron": neuron}
+    fitted = latency.fit_linear(synthetic_samples(truth, 30))
+    assert fitted == pytest.approx(truth, abs=1e-6)
+
+
+def test_a_negative_unit_cost_is_fixed_at_zero_and_the_rest_refitted():
+    samples = synthetic_samples({"static": 5.0, "head": 0.0, "value_dim": 0.01, "neuron": 0.002}, 30)
+    samples["ms"] -= 0.05 * samples["heads"]  # heads look like they save time: noise, not a cost
+    fitted = latency.fit_linear(samples)
+    assert fitted["head"] == 0.0 and all(v >= 0 for v in fitted.values())
+
+
+def test_prediction_quality_measures():
+    perfect = latency.prediction_quality([1.0, 2.0, 4.0], [1.0, 2.0, 4.0])
+    assert perfect == {"r2": 1.0, "max_relative_error": 0.0, "mean_relative_error": 0.0}
+    off = latency.prediction_quality([1.0, 2.0, 4.0], [1.1, 2.0, 3.0])
+    assert off["max_relative_error"] == pytest.approx(0.25) and off["r2"] < 1
+
+
+def test_measured_table_is_a_cost_for_the_same_architecture(tmp_path):
+    dense = make_vit(depth=2, num_heads=3, embed_dim=24)
+    table, samples = latency.measure_cost_table(dense, batch_size=4, fit_models=6, eval_models=3, runs=2, progress=False)
+    assert list(samples["role"]) == ["fit"] * 6 + ["eval"] * 3 and (samples["ms"] > 0).all()
+    assert set(table["coefficients"]) == {"static", "head", "value_dim", "neuron"}
+    assert all(v >= 0 for v in table["coefficients"].values())
+    assert {"r2", "max_relative_error"} <= set(table["evaluation"]) and table["evaluation"]["models"] == 3
+    assert table["device"] and table["unit"] == "ms"
+    path = tmp_path / "cost_table.json"
+    latency.write_cost_table(table, path)
+    spec = hiap_core.describe(dense)
+    costs = hiap_core.load_cost_table(path, spec)
+    assert hiap_core.spec_cost(spec, costs) == pytest.approx(table["dense_predicted_ms"])
+    # predictions use the same linear structure as the penalties
+    gated = hiap_core.gate_vit(dense)
+    assert float(hiap_core.expected_cost(gated, costs).total.detach()) == pytest.approx(table["dense_predicted_ms"], rel=0.02)
+    assert hiap_core.ViTSpec.from_dict(json.loads(path.read_text())["spec"]) == spec.dense()
+
+
+def test_too_few_models_to_fit_is_a_clear_error():
+    with pytest.raises(ValueError, match="fit_models >= 4"):
+        latency.measure_cost_table(make_vit(), fit_models=3, progress=False)
+
+
+def test_random_width_states_keep_every_layer_alive():
+    gated = hiap_core.gate_vit(make_vit(depth=3))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        hiap_core.set_gate_state(gated, latency.random_width_state(gated, gen))
+        spec = hiap_core.describe(gated)
+        assert all(len(layer.heads) >= 1 and min(layer.value_dims) >= 1 for layer in spec.layers)
