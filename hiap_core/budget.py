@@ -2,17 +2,24 @@
 
 The paper reaches a budget by hand-tuning `lambda_macro` and `lambda_micro`. Here their ratio stays
 fixed and one overall scale `s` multiplies both: the run solves `min task s.t. cost <= target` by dual
-ascent on `log s`, driven by the relative overshoot of the hardened cost (what is finally extracted):
+ascent on `log s`, driven by the relative overshoot of the cost:
 
-    log s <- log s + lr * (cost / target_t - 1)
+    e = cost / target_t - 1,    I <- I + lr * e,    s = exp(I + gain * e)
 
-`s = exp(log s)` stays positive; it grows while the model is over budget and shrinks once it is under,
-so the task loss reopens units it needs and the cost settles on the target from either side. The
-target itself falls from dense to its final value over the first `ramp` of training (cubic, as in
-gradual magnitude pruning), so the controller tracks a slowly moving target instead of a step. The
-controller gets the run to about the target; `round_to_budget` then closes or opens the least
-confident micro units (value dims, neurons: logits nearest 0) if the hardened cost is still further
-than `tolerance` from it, which makes the +-1% guarantee exact.
+`s` stays positive; it grows while the model is over budget and shrinks once it is under. The
+proportional term matters: Adam moves every gate logit at about `gate_lr` per step whatever the size
+of its gradient, so the scale only decides which gates still fall, and the cost keeps falling until the
+scale drops below what the task gradient of the remaining units outweighs. An integral alone drops it
+far too slowly (measured: target 0.67, expected cost fell on to 0.60); `gain * e` drops it at once, so
+units reopen and the cost hovers at the target.
+Which cost: the hardened cost (what is extracted) moves in steps and lags the logits by the tens of
+steps a gate needs to reach 0, and a gate once closed hardly reopens, so steering on it winds the
+scale up and overshoots for good (measured: target 0.67, landed at 0.56). The controller therefore
+steers on the expected cost (gate probabilities, smooth and without lag) and hands over to the
+hardened cost linearly after the ramp, by which time the gates have polarised and the two agree to a
+few percent. The target falls from the starting cost to its final value over the first `ramp` of
+training (cubic, as in gradual magnitude pruning). `round_to_budget` then flips the least confident
+gates until the hardened cost is within `tolerance` of the target, which makes the +-1% guarantee exact.
 """
 
 from __future__ import annotations
@@ -20,43 +27,76 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .arch import ViTSpec, describe
-from .cost import UnitCosts, spec_cost
+from .cost import UnitCosts, expected_cost, spec_cost
 
 
 @dataclass
 class BudgetController:
     target: float  # final cost as a fraction of the dense cost (static part included)
-    lr: float = 0.1  # step on log(scale) per unit of relative overshoot
-    ramp: float = 0.5  # fraction of training over which the target falls from 1 to `target`
-    log_scale: float = 0.0
+    lr: float = 0.1  # integral: step on log(scale) per unit of relative overshoot
+    ramp: float = 0.5  # fraction of training over which the target falls from `start` to `target`
+    gain: float = 20.0  # proportional: log(scale) offset per unit of the current relative overshoot
+    log_scale: float = 0.0  # the integral part
+    start: float | None = None  # the cost the ramp starts from: the first one observed
+    overshoot: float = 0.0  # the last relative overshoot
 
     MAX_LOG_SCALE = 10.0  # keeps exp() finite; s = e^10 outweighs any task loss
 
     @property
     def scale(self) -> float:
-        return math.exp(self.log_scale)
+        return math.exp(min(max(self.log_scale + self.gain * self.overshoot, -self.MAX_LOG_SCALE), self.MAX_LOG_SCALE))
 
     def target_at(self, progress: float) -> float:
         """The moving target at `progress` in [0, 1] of training."""
+        start = max(self.start if self.start is not None else 1.0, self.target)
         if self.ramp <= 0:
             return self.target
         left = 1.0 - min(max(progress, 0.0) / self.ramp, 1.0)
-        return self.target + (1.0 - self.target) * left**3
+        return self.target + (start - self.target) * left**3
 
     def update(self, cost_fraction: float, progress: float) -> float:
-        """One dual-ascent step from the current hardened cost (fraction of dense); returns the new scale."""
-        overshoot = cost_fraction / self.target_at(progress) - 1.0
-        self.log_scale = min(max(self.log_scale + self.lr * overshoot, -self.MAX_LOG_SCALE), self.MAX_LOG_SCALE)
+        """One dual-ascent step from the current cost (fraction of dense); returns the new scale."""
+        if self.start is None:
+            self.start = cost_fraction
+        self.overshoot = cost_fraction / self.target_at(progress) - 1.0
+        self.log_scale = min(max(self.log_scale + self.lr * self.overshoot, -self.MAX_LOG_SCALE), self.MAX_LOG_SCALE)
         return self.scale
 
+    def hardened_weight(self, progress: float) -> float:
+        """How much the steered cost is the hardened one (vs the expected one): 0 until the ramp ends, then linear to 1."""
+        return min(max((progress - self.ramp) / (1.0 - self.ramp), 0.0), 1.0)
+
     def state_dict(self) -> dict:
-        return {"log_scale": self.log_scale}
+        return {"log_scale": self.log_scale, "start": self.start, "overshoot": self.overshoot}
 
     def load_state_dict(self, state: dict) -> None:
-        self.log_scale = float(state["log_scale"])
+        self.log_scale, self.start, self.overshoot = float(state["log_scale"]), state["start"], float(state["overshoot"])
+
+
+def budget_step(controller: BudgetController, gated: nn.Module, costs: UnitCosts, dense_cost: float, progress: float) -> dict:
+    """One controller step after an optimizer step: returns the trajectory row (costs as fractions of dense)."""
+    hardened = spec_cost(describe(gated), costs) / dense_cost
+    with torch.no_grad():
+        expected = float(expected_cost(gated, costs).total) / dense_cost
+    weight = controller.hardened_weight(progress)
+    steered = (1.0 - weight) * expected + weight * hardened
+    scale = controller.update(steered, progress)
+    return {"progress": progress, "cost_fraction": hardened, "expected_fraction": expected, "steered_fraction": steered,
+            "target_fraction": controller.target_at(progress), "penalty_scale": scale}
+
+
+def finish_budget(controller: BudgetController, gated: nn.Module, costs: UnitCosts, dense_cost: float,
+                  tolerance: float, min_heads: float) -> dict:
+    """Round the trained gates to the target (`round_to_budget`); returns the run's budget metrics."""
+    before = spec_cost(describe(gated), costs) / dense_cost
+    flipped = round_to_budget(gated, costs, controller.target * dense_cost, tolerance, min_heads)
+    return {"unit": costs.unit, "target_fraction": controller.target, "cost_fraction_before_rounding": before,
+            "cost_fraction": spec_cost(describe(gated), costs) / dense_cost, "rounded_units": flipped,
+            "final_penalty_scale": controller.scale}
 
 
 def minimum_cost(spec: ViTSpec, costs: UnitCosts, min_heads: float, min_value_fraction: float) -> float:
@@ -71,18 +111,22 @@ def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance
     """Flip the least confident gates (logits nearest 0) until the hardened cost (absolute, `costs` units)
     is within `tolerance` (relative) of `target`; returns the number of units flipped.
 
-    Over budget: close open value dims and neurons, then, if those run out, whole heads (each layer keeps
-    its `ceil(min_heads)` most confident ones); under budget (at first or after closing heads): open closed
-    value dims and neurons. Every live head and FFN keeps its most confident unit, so the cost stays the
-    linear sum the controller steered, and the result is within one value dim or neuron of the target."""
+    Value dims and neurons of live heads and FFNs go first (fine steps); whole heads only when those run
+    out: over budget, each layer keeps its `ceil(min_heads)` most confident live heads; under budget, a
+    reopened head brings back its open value dims (or its most confident one). Every live head and FFN
+    keeps a unit, so the cost stays the linear sum the controller steered, and the result lands within
+    one value dim or neuron of the target unless every unit in that direction is spent."""
     from .gated_vit import gated_blocks
 
     blocks = gated_blocks(gated)
     cost = spec_cost(describe(gated), costs)
     flipped = 0
 
+    def open_dims(attn) -> torch.Tensor:
+        return attn.value_gate.hard().view(attn.num_heads, attn.head_dim).sum(dim=1)
+
     def micro_units(closing: bool) -> list:
-        """(confidence, gate, index, cost) of the value dims and neurons that could flip in live structures."""
+        """(confidence, [(gate, index, new logit)], cost) of value dims and neurons that may flip in live structures."""
         units = []
 
         def add(gate: nn.Module, logits, offset: int, unit_cost: float) -> None:
@@ -90,7 +134,7 @@ def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance
             if not is_open.any():
                 return
             keep = int(logits.argmax())  # closing never empties a head or an FFN
-            units.extend((abs(float(logits[i])), gate, offset + i, unit_cost)
+            units.extend((abs(float(logits[i])), [(gate, offset + i)], unit_cost)
                          for i in range(len(logits)) if bool(is_open[i]) == closing and not (closing and i == keep))
 
         for attn, mlp in blocks:
@@ -101,33 +145,42 @@ def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance
                 add(mlp.neuron_gate, mlp.neuron_gate.logits.detach(), 0, costs.gamma)
         return units
 
-    def heads() -> list:
+    def heads(closing: bool) -> list:
         units = []
         for attn, _ in blocks:
-            logits = attn.head_gate.logits.detach()
-            open_dims = attn.value_gate.hard().view(attn.num_heads, attn.head_dim).sum(dim=1)
-            alive = attn.head_gate.hard() & (open_dims > 0)  # an open head without value dims costs nothing already
-            live = sorted(map(int, alive.nonzero()), key=lambda h: -float(logits[h]))
-            units.extend((float(logits[h]), attn.head_gate, h, costs.alpha + costs.beta * int(open_dims[h]))
-                         for h in live[max(1, math.ceil(min_heads)):])
+            logits, dims = attn.head_gate.logits.detach(), open_dims(attn)
+            alive = attn.head_gate.hard() & (dims > 0)  # an open head without value dims costs nothing already
+            if closing:
+                live = sorted(map(int, alive.nonzero()), key=lambda h: -float(logits[h]))
+                units.extend((abs(float(logits[h])), [(attn.head_gate, h)], costs.alpha + costs.beta * int(dims[h]))
+                             for h in live[max(1, math.ceil(min_heads)):])
+            else:
+                values = attn.value_gate.logits.detach().view(attn.num_heads, attn.head_dim)
+                for h in map(int, (~alive).nonzero()):
+                    flips = [(attn.head_gate, h)] if not attn.head_gate.hard()[h] else []
+                    if dims[h] == 0:  # bring back its most confident value dim
+                        flips.append((attn.value_gate, h * attn.head_dim + int(values[h].argmax())))
+                    units.append((abs(float(logits[h])), flips, costs.alpha + costs.beta * max(int(dims[h]), 1)))
         return units
 
     def flip(units: list, closing: bool) -> None:
         nonlocal cost, flipped
-        for _, gate, index, unit_cost in sorted(units, key=lambda u: u[0]):
+        for _, flips, unit_cost in sorted(units, key=lambda u: u[0]):
             if (cost <= target) if closing else (cost >= target):
                 return
-            gate.logits.data[index] = -1e-3 if closing else 1e-3  # just across the threshold: the least sure units
+            for gate, index in flips:  # just across the threshold: these were the least sure units
+                gate.logits.data[index] = -1e-3 if closing else 1e-3
             cost += -unit_cost if closing else unit_cost
             flipped += 1
 
     def within() -> bool:
         return abs(cost / target - 1.0) <= tolerance
 
-    if not within() and cost > target:
-        flip(micro_units(closing=True), closing=True)
-        if not within() and cost > target:
-            flip(heads(), closing=True)
-    if not within() and cost < target:
-        flip(micro_units(closing=False), closing=False)
+    closing = cost > target
+    if not within():
+        flip(micro_units(closing), closing)
+    if not within() and (cost > target) == closing:  # the fine steps ran out: whole heads, then fine steps back
+        flip(heads(closing), closing)
+        if not within():
+            flip(micro_units(cost > target), cost > target)
     return flipped

@@ -75,7 +75,8 @@ class HiAPConfig:
     cost: str = "macs"  # what the penalties (and a budget) measure: macs | latency (needs cost_table)
     cost_table: str | None = None  # per-unit latency table JSON written by hiap_core.latency
     target_latency: float | None = None  # budget-exact mode for cost latency: fraction of dense latency
-    budget_lr: float = 0.1  # budget-exact mode: dual-ascent step on log(penalty scale)
+    budget_lr: float = 0.1  # budget-exact mode: integral step on log(penalty scale) per unit of overshoot
+    budget_gain: float = 20.0  # ... proportional: log(penalty scale) offset per unit of the current overshoot
     budget_ramp: float = 0.5  # ... the target falls from dense to its value over this fraction of training
     budget_tolerance: float = 0.005  # ... final hardened cost further than this (relative): round the least sure gates
 
@@ -175,6 +176,7 @@ def _validate(cfg: RunConfig) -> None:
          "is a MACs budget: with hiap.cost = latency set hiap.target_latency instead"),
         ("target_macs", cfg.target_macs is None or cfg.target_macs > 0, "must be > 0: a fraction of dense MACs (<= 1) or MACs (> 1)"),
         ("hiap.budget_lr", cfg.hiap.budget_lr > 0, "must be > 0"),
+        ("hiap.budget_gain", cfg.hiap.budget_gain >= 0, "must be >= 0"),
         ("hiap.budget_ramp", 0 <= cfg.hiap.budget_ramp < 1, "must be in [0, 1)"),
         ("hiap.budget_tolerance", 0 < cfg.hiap.budget_tolerance <= 0.05, "must be in (0, 0.05]"),
     ]

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import torchvision_compat  # noqa: F401  (before timm)
 from .baselines import prune_to_target
 from .arch import describe
-from .budget import BudgetController, minimum_cost, round_to_budget
+from .budget import BudgetController, budget_step, finish_budget, minimum_cost
 from .config import ConfigError, RunConfig, config_from_params
 from .cost import UnitCosts, count_macs, expected_cost, expected_macs, load_cost_table, spec_cost, unit_costs
 from .data import DatasetError, build_loaders
@@ -160,7 +160,7 @@ def budget_controller(cfg: RunConfig, spec, costs: UnitCosts) -> BudgetControlle
         raise ConfigError(f"invalid config: {name} = {target:.4g} of dense is below {floor:.4g}, the smallest model the "
                           "feasibility minimums allow (hiap.min_heads heads x hiap.min_value_fraction value dims per layer, "
                           "no FFN): raise the target or lower those minimums")
-    return BudgetController(target, cfg.hiap.budget_lr, cfg.hiap.budget_ramp)
+    return BudgetController(target, cfg.hiap.budget_lr, cfg.hiap.budget_ramp, cfg.hiap.budget_gain)
 
 
 def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict]:
@@ -368,14 +368,10 @@ class Trainer:
         return {"loss": loss, "task": task, "macro": macro.detach(), "micro": micro.detach(), "feas": feas.detach()}
 
     def _budget_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        """Dual ascent on the penalty scale from the hardened cost after this step's update."""
-        fraction = spec_cost(describe(model), self.costs) / self.dense_cost
-        progress = (step + 1) / total_steps
-        target = self.budget.target_at(progress)
-        scale = self.budget.update(fraction, progress)
-        self.budget_rows.append({"step": step + 1, "progress": progress, "cost_fraction": fraction,
-                                 "target_fraction": target, "penalty_scale": scale,
-                                 "lambda_macro": scale * self.cfg.hiap.lambda_macro, "lambda_micro": scale * self.cfg.hiap.lambda_micro})
+        """Budget-exact mode: adapt the penalty scale to the cost after this step's update."""
+        row = budget_step(self.budget, model, self.costs, self.dense_cost, (step + 1) / total_steps)
+        scale, hiap = row["penalty_scale"], self.cfg.hiap
+        self.budget_rows.append({"step": step + 1, **row, "lambda_macro": scale * hiap.lambda_macro, "lambda_micro": scale * hiap.lambda_micro})
 
     def _finish(self, model: nn.Module, test_loader, history: list[dict]) -> dict:
         """Extract (HiAP), evaluate the final plain model, save it, write metrics.json. Idempotent."""
@@ -383,12 +379,8 @@ class Trainer:
         model.eval()
         budget = {}
         if self.budget is not None:
-            before = spec_cost(describe(model), self.costs) / self.dense_cost
-            flipped = round_to_budget(model, self.costs, self.budget.target * self.dense_cost, cfg.hiap.budget_tolerance,
-                                      cfg.hiap.min_heads)
-            budget = {"cost": cfg.hiap.cost, "target_fraction": self.budget.target, "cost_fraction_before_rounding": before,
-                      "cost_fraction": spec_cost(describe(model), self.costs) / self.dense_cost, "rounded_units": flipped,
-                      "final_penalty_scale": self.budget.scale}
+            budget = {"cost": cfg.hiap.cost, **finish_budget(self.budget, model, self.costs, self.dense_cost,
+                                                            cfg.hiap.budget_tolerance, cfg.hiap.min_heads)}
         if cfg.method == "hiap":
             final = extract(model)
         elif cfg.method == "dense":

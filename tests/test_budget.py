@@ -1,6 +1,7 @@
 """Budget-exact mode: the controller, the feasibility floor, rounding to the budget and impossible targets."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -20,26 +21,34 @@ TINY = {
 }
 
 
-def test_target_ramps_cubically_from_dense_to_the_target():
+def test_target_ramps_cubically_from_the_first_cost_to_the_target():
     controller = BudgetController(target=0.5, ramp=0.5)
-    assert controller.target_at(0.0) == 1.0
-    assert controller.target_at(0.25) == pytest.approx(0.5 + 0.5 * 0.5**3)
+    assert controller.target_at(0.0) == 1.0  # before any cost is seen: from dense
+    controller.update(0.9, 0.0)
+    assert controller.start == 0.9 and controller.target_at(0.0) == 0.9
+    assert controller.target_at(0.25) == pytest.approx(0.5 + 0.4 * 0.5**3)
     assert controller.target_at(0.5) == controller.target_at(1.0) == 0.5
     assert BudgetController(target=0.7, ramp=0.0).target_at(0.0) == 0.7
 
 
-def test_dual_ascent_raises_the_scale_over_budget_and_lowers_it_under():
-    controller = BudgetController(target=0.5, lr=0.1, ramp=0.0)
+def test_integral_raises_the_scale_over_budget_and_lowers_it_under():
+    controller = BudgetController(target=0.5, lr=0.1, ramp=0.0, gain=0.0)
     up = controller.update(0.75, 1.0)  # 50% over: log scale += 0.05
-    assert up == pytest.approx(torch.exp(torch.tensor(0.05)).item())
+    assert up == pytest.approx(math.exp(0.05))
     controller.update(0.25, 1.0)  # 50% under: back to 1
     assert controller.scale == pytest.approx(1.0)
     for _ in range(10_000):
         controller.update(1.0, 1.0)
     assert controller.log_scale == BudgetController.MAX_LOG_SCALE  # bounded, stays finite
+
+
+def test_proportional_term_follows_the_current_overshoot_at_once():
+    controller = BudgetController(target=0.5, lr=0.1, ramp=0.0, gain=20.0)
+    assert controller.update(0.55, 1.0) == pytest.approx(math.exp(0.1 * 0.1 + 20 * 0.1))  # 10% over
+    assert controller.update(0.45, 1.0) == pytest.approx(math.exp(0.0 + 20 * -0.1))  # 10% under: scale falls at once
     restored = BudgetController(target=0.5)
     restored.load_state_dict(controller.state_dict())
-    assert restored.scale == controller.scale
+    assert restored.scale == controller.scale and restored.start == 0.55
 
 
 def test_controller_lands_on_the_target_of_a_simple_plant():
@@ -49,6 +58,19 @@ def test_controller_lands_on_the_target_of_a_simple_plant():
         controller.update(cost, (step + 1) / 2000)
         cost += 0.05 * (1.0 / (1.0 + controller.scale) * 1.2 - cost)
     assert cost == pytest.approx(0.6, rel=0.01)
+
+
+def test_controller_lands_on_the_target_of_a_sign_driven_plant():
+    """Adam-like gates: the cost moves at a fixed speed (with momentum) in the direction the scale decides,
+    down while the scale exceeds what the remaining units' task gradient outweighs (which grows as they
+    get fewer)."""
+    controller, cost, velocity = BudgetController(target=0.6, lr=0.1, ramp=0.5, gain=20.0), 0.95, 0.0
+    for step in range(400):
+        controller.update(cost, (step + 1) / 400)
+        balance = math.exp(8 * (0.75 - cost))  # the scale the task gradient of the remaining units outweighs
+        velocity = 0.9 * velocity + 0.1 * math.copysign(1.0, math.log(controller.scale / balance))
+        cost = min(max(cost - 0.004 * velocity, 0.1), 1.0)
+    assert cost == pytest.approx(0.6, rel=0.02)
 
 
 def test_minimum_cost_is_the_cheapest_feasible_architecture():
@@ -81,14 +103,13 @@ def test_round_to_budget_lands_within_one_unit_of_the_target(state, target):
         assert flipped == 0 and cost == start
         return
     for old, new in zip(before.layers, after.layers):
-        assert set(new.heads) <= set(old.heads)  # heads only ever close, never open
+        # FFNs never appear or vanish; heads close only over budget (keeping one) and open only under it
         assert (new.mlp_hidden is None) == (old.mlp_hidden is None) and bool(new.mlp_hidden) == bool(old.mlp_hidden)
         assert len(new.heads) >= min(len(old.heads), 1)
-        if start < target_cost:
-            assert set(new.heads) == set(old.heads)
+        assert set(new.heads) <= set(old.heads) if start > target_cost else set(new.heads) >= set(old.heads)
     step = max(costs.beta, costs.gamma)
     floor = all(len(l.heads) <= 1 and all(v == 1 for v in l.value_dims) and (l.mlp_hidden or 0) <= 1 for l in after.layers)
-    ceiling = all(all(v == 8 for v in l.value_dims) and l.mlp_hidden in (None, 0, 48) for l in after.layers)
+    ceiling = all(len(l.heads) == 3 and all(v == 8 for v in l.value_dims) and l.mlp_hidden in (None, 0, 48) for l in after.layers)
     assert abs(cost - target_cost) < step or abs(cost / target_cost - 1) <= 0.005 or (
         floor and cost > target_cost) or (ceiling and cost < target_cost)
     x = torch.randn(2, 3, 16, 16)
@@ -132,6 +153,7 @@ def test_impossible_targets_are_refused_before_training(overrides, match, tmp_pa
         ({"hiap.target_latency": 0.5}, "hiap.target_latency"),
         ({"hiap.cost": "latency", "hiap.cost_table": "t.json", "target_macs": 0.5}, "target_macs"),
         ({"hiap.budget_ramp": 1.0}, "hiap.budget_ramp"),
+        ({"hiap.budget_gain": -1.0}, "hiap.budget_gain"),
         ({"hiap.budget_tolerance": 0.2}, "hiap.budget_tolerance"),
     ],
 )
