@@ -57,6 +57,8 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    # ORT's workers busy-wait after each run by default, which steals the cores from whatever runs next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

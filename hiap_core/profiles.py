@@ -31,7 +31,7 @@ PROFILES = {
                              "aggressive": {"target_macs": 0.5, "lambda_macro": 4.0, "lambda_micro": 2.0}}},
         "baselines": {"epochs": 1, "batch_size": 64},
         "sweep": {"epochs": 1, "train_subset": 128},
-        "latency": {"batch1_runs": 3, "batch64_runs": 2},
+        "latency": {"batch1_runs": 3, "batch64_runs": 2, "versus_runs": 2},
         "cost_table": {"fit_models": 8, "eval_models": 3, "runs": 2},
         "budget_exact": {"target_latency": 1.0},  # any lower target may fall below a tiny model's measured floor
         "bench": {"train_batch": 16, "train_rounds": 1, "batch1_runs": 3, "batch64_runs": 2},

@@ -189,12 +189,11 @@ def latency_table(names: list[str], batches: dict[int, int], threads: int = 2, o
         x = torch.randn(batch, spec.in_chans, *spec.img_size)
         feed = {ONNX_INPUT: x.numpy()}
         for name, model in tqdm(models.items(), desc=f"latency, batch {batch}", leave=False):
-            calls = {"dense": lambda: models[dense_name](x), "model": lambda m=model: m(x)}
-            if onnx:
-                calls.update({"ort_dense": lambda: sessions[dense_name].run(None, feed),
-                              "ort_model": lambda s=sessions[name]: s.run(None, feed)})
             with torch.inference_mode():
-                ms = _median_ms(alternate(calls, runs, warmup=3))
+                ms = _median_ms(alternate({"dense": lambda: models[dense_name](x), "model": lambda m=model: m(x)}, runs, warmup=3))
+            if onnx:  # timed apart from PyTorch: the two runtimes' thread pools do not share the cores well
+                ms.update(_median_ms(alternate({"ort_dense": lambda: sessions[dense_name].run(None, feed),
+                                                "ort_model": lambda s=sessions[name]: s.run(None, feed)}, runs, warmup=3)))
             mac_ratio = count_macs(models[dense_name]) / count_macs(model)
             row = {"run": name, "batch": batch, "runs": runs, "dense_ms": ms["dense"], "model_ms": ms["model"],
                    "speedup": ms["dense"] / ms["model"], "mac_ratio": mac_ratio,
@@ -206,25 +205,32 @@ def latency_table(names: list[str], batches: dict[int, int], threads: int = 2, o
     return pd.DataFrame(rows)
 
 
-def latency_vs_macs_target(latency: pd.DataFrame, macs_run: str, latency_run: str, cost_table: dict) -> pd.DataFrame:
-    """The MACs-targeted and the latency-targeted run side by side: MACs, the cost table's predicted and the
-    measured latency (both runtimes, the table's batch size), accuracy, and the speedup of one over the other."""
-    batch = cost_table["batch_size"]
-    measured = latency[latency["batch"] == batch].set_index("run")
+def latency_vs_macs_target(macs_run: str, latency_run: str, cost_table: dict, runs: int, threads: int = 2) -> pd.DataFrame:
+    """The MACs-targeted and the latency-targeted run side by side: MACs, the cost table's predicted latency,
+    latency measured alternately with the dense model (PyTorch, then onnxruntime) at the table's batch size,
+    accuracy, and the speedup of each over the MACs-targeted one from the same alternating loop."""
+    torch.set_num_threads(threads)
+    names = ["dense", macs_run, latency_run]
+    models = {name: load_pruned(RUNS / name / "model") for name in names}
+    spec = models["dense"].spec
+    x = torch.randn(cost_table["batch_size"], spec.in_chans, *spec.img_size)
+    with torch.inference_mode():
+        torch_ms = _median_ms(alternate({name: lambda m=m: m(x) for name, m in models.items()}, runs, warmup=3))
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {name: onnx_session(export_onnx(m, Path(tmp) / f"{name}.onnx"), threads) for name, m in models.items()}
+        feed = {ONNX_INPUT: x.numpy()}
+        ort_ms = _median_ms(alternate({name: lambda s=s: s.run(None, feed) for name, s in sessions.items()}, runs, warmup=3))
     rows = []
     for name, target in ((macs_run, "MACs"), (latency_run, "latency")):
-        m, spec = run_metrics(name), load_pruned(RUNS / name / "model").spec
-        predicted = predict_ms(cost_table["coefficients"], spec) / cost_table["dense_predicted_ms"]
+        m = run_metrics(name)
+        predicted = predict_ms(cost_table["coefficients"], models[name].spec) / cost_table["dense_predicted_ms"]
         rows.append({"run": name, "targets": target, "target_fraction": m["budget"]["target_fraction"],
                      "macs_fraction": m["macs_fraction"], "predicted_latency_fraction": predicted,
-                     "measured_latency_fraction": 1 / measured.loc[name, "speedup"],
-                     "ort_latency_fraction": 1 / measured.loc[name, "ort_speedup"],
-                     "model_ms": measured.loc[name, "model_ms"], "ort_model_ms": measured.loc[name, "ort_model_ms"],
-                     "accuracy_pct": 100 * m["test_acc"]})
-    table = pd.DataFrame(rows)
-    table["speedup_vs_macs_targeted"] = table["model_ms"].iloc[0] / table["model_ms"]
-    table["ort_speedup_vs_macs_targeted"] = table["ort_model_ms"].iloc[0] / table["ort_model_ms"]
-    return table
+                     "measured_latency_fraction": torch_ms[name] / torch_ms["dense"], "ort_latency_fraction": ort_ms[name] / ort_ms["dense"],
+                     "model_ms": torch_ms[name], "ort_model_ms": ort_ms[name], "accuracy_pct": 100 * m["test_acc"],
+                     "speedup_vs_macs_targeted": torch_ms[macs_run] / torch_ms[name],
+                     "ort_speedup_vs_macs_targeted": ort_ms[macs_run] / ort_ms[name]})
+    return pd.DataFrame(rows)
 
 
 def budget_table(targets: dict[str, float], hand_tuned: dict[str, str], hiap: dict) -> pd.DataFrame:
