@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # The machine's pip config lists index folders that do not exist for every package: hide that noise.
 PIP_QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
 
-.PHONY: venv data test repro bench clean-venv
+.PHONY: venv data test lint repro bench clean-venv
 
 venv: $(STAMP)
 
@@ -28,15 +28,19 @@ data:
 		($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
 	else echo "warning: $(FASHION_DIR) is missing and apt-get is unavailable; the data loader will try to download it" >&2; fi
 
-test: venv data
+test: venv data lint
 	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check hiap_core tests
+	$(VENV)/bin/ruff format --check hiap_core tests
 
 # DVC stages call papermill and python: the venv's bin comes first on PATH.
 repro: venv data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 bench: venv data
-	$(PY) -m hiap_core.bench
+	$(PY) -m hiap_core.measure.bench
 
 clean-venv:
 	rm -rf $(VENV)

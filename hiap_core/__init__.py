@@ -1,8 +1,15 @@
-"""HiAP: hierarchical auto-pruning of timm Vision Transformers (gates, exact MACs, losses, extraction)."""
+"""HiAP: hierarchical auto-pruning of timm Vision Transformers.
 
-from . import torchvision_compat  # noqa: F401  (must run before anything imports timm)
-from .arch import LayerSpec, ViTSpec, count_params, describe
-from .cost import (
+`hiap_core` re-exports the core library (`hiap_core.core`: gates, exact MACs, losses, extraction,
+`Pruner`). The study built on it lives in `hiap_core.train` (config, data, training engine),
+`hiap_core.measure` (timing, latency cost table, benchmarks) and `hiap_core.report` (tables, figures).
+Design notes: hiap_core/DESIGN.md.
+"""
+
+from .core import torchvision_compat  # noqa: F401  (must run before anything imports timm)
+from .core.baselines import prune_to_target
+from .core.budget import BudgetController, round_to_budget
+from .core.cost import (
     ExpectedCost,
     UnitCosts,
     count_macs,
@@ -13,11 +20,13 @@ from .cost import (
     spec_cost,
     unit_costs,
 )
-from .export import export_onnx, export_program
-from .extract import extract, structure_summary
-from .gated_vit import (
+from .core.describe import describe
+from .core.export import export_onnx, export_program
+from .core.extract import extract, structure_summary
+from .core.gated_vit import (
     GatedAttention,
     GatedMlp,
+    check_vit,
     gate_parameters,
     gate_vit,
     gated_blocks,
@@ -25,14 +34,53 @@ from .gated_vit import (
     set_gate_state,
     set_temperature,
 )
-from .gates import GumbelSigmoidGate
-from .losses import cost_penalties, feasibility_penalty, kd_loss, temperature_at
-from .pruned import PrunedViT, load_pruned, save_pruned, set_fused_attention
+from .core.gates import GumbelSigmoidGate
+from .core.losses import cost_penalties, feasibility_penalty, kd_loss, temperature_at
+from .core.models import cifar_vit_tiny
+from .core.pruned import PrunedViT, count_params, load_pruned, save_pruned, set_fused_attention
+from .core.pruner import Pruner, param_groups
+from .core.spec import LayerSpec, ViTSpec
 
 __all__ = [
-    "ExpectedCost", "GatedAttention", "GatedMlp", "GumbelSigmoidGate", "LayerSpec", "PrunedViT", "UnitCosts",
-    "ViTSpec", "cost_penalties", "count_macs", "count_params", "dense_prunable_macs", "describe",
-    "expected_cost", "expected_macs", "export_onnx", "export_program", "extract", "feasibility_penalty", "gate_parameters", "gate_vit", "gated_blocks",
-    "hard_gate_state", "kd_loss", "load_cost_table", "load_pruned", "save_pruned", "set_fused_attention", "set_gate_state",
-    "set_temperature", "spec_cost", "structure_summary", "temperature_at", "unit_costs",
+    "BudgetController",
+    "ExpectedCost",
+    "GatedAttention",
+    "GatedMlp",
+    "GumbelSigmoidGate",
+    "LayerSpec",
+    "PrunedViT",
+    "Pruner",
+    "UnitCosts",
+    "ViTSpec",
+    "check_vit",
+    "cifar_vit_tiny",
+    "cost_penalties",
+    "count_macs",
+    "count_params",
+    "dense_prunable_macs",
+    "describe",
+    "expected_cost",
+    "expected_macs",
+    "export_onnx",
+    "export_program",
+    "extract",
+    "feasibility_penalty",
+    "gate_parameters",
+    "gate_vit",
+    "gated_blocks",
+    "hard_gate_state",
+    "kd_loss",
+    "load_cost_table",
+    "load_pruned",
+    "param_groups",
+    "prune_to_target",
+    "round_to_budget",
+    "save_pruned",
+    "set_fused_attention",
+    "set_gate_state",
+    "set_temperature",
+    "spec_cost",
+    "structure_summary",
+    "temperature_at",
+    "unit_costs",
 ]

@@ -1,7 +1,7 @@
 import copy
 
 import hiap_core  # noqa: I001  (first: makes torchvision, hence timm, importable)
-from hiap_core import bench
+
 import pytest
 import timm
 import torch
@@ -33,7 +33,7 @@ def make_vit(seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def cifar_vit_tiny() -> torch.nn.Module:
-    return bench.cifar_vit_tiny().eval()
+    return hiap_core.cifar_vit_tiny().eval()
 
 
 def gated_copy(model, **cfg):
@@ -52,7 +52,11 @@ def gate_states(draw, depth: int, heads: int, head_dim: int, hidden: int):
     state = []
     for _ in range(depth):
         head_mode = draw(st.sampled_from(["random", "all_open", "all_closed"]))
-        head_mask = {"random": mask(heads, 0.6), "all_open": torch.ones(heads, dtype=torch.bool), "all_closed": torch.zeros(heads, dtype=torch.bool)}[head_mode]
+        head_mask = {
+            "random": mask(heads, 0.6),
+            "all_open": torch.ones(heads, dtype=torch.bool),
+            "all_closed": torch.zeros(heads, dtype=torch.bool),
+        }[head_mode]
         values = torch.zeros(heads, head_dim, dtype=torch.bool)
         for h in range(heads):
             mode = draw(st.sampled_from(["random", "one", "none", "all"]))

@@ -100,7 +100,12 @@ def test_expected_macs_equals_hard_cost_for_saturated_logits(data):
 def test_expected_macs_matches_hard_cost_when_no_open_head_is_empty():
     gated = gated_copy(cifar_vit_tiny())
     state = [
-        {"heads": torch.tensor([True, False, True]), "values": torch.rand(3, 64) > 0.3, "ffn": torch.tensor(i % 2 == 0), "neurons": torch.rand(768) > 0.5}
+        {
+            "heads": torch.tensor([True, False, True]),
+            "values": torch.rand(3, 64) > 0.3,
+            "ffn": torch.tensor(i % 2 == 0),
+            "neurons": torch.rand(768) > 0.5,
+        }
         for i in range(6)
     ]
     hiap_core.set_gate_state(gated, state, magnitude=40.0)
@@ -112,14 +117,14 @@ def test_expected_macs_matches_monte_carlo_of_hard_cost():
     torch.manual_seed(0)
     gated = gated_copy(make_vit(depth=3))
     with torch.no_grad():
-        for gate in hiap_core.gated_vit.gates(gated):
+        for gate in hiap_core.core.gated_vit.gates(gated):
             gate.logits.copy_(torch.randn_like(gate.logits) * 1.5)
-    probs = [g.probs().detach().clone() for g in hiap_core.gated_vit.gates(gated)]
+    probs = [g.probs().detach().clone() for g in hiap_core.core.gated_vit.gates(gated)]
     expected = float(hiap_core.expected_macs(gated).total.detach()) - empty_open_heads_correction(gated)
     samples = []
     for _ in range(1500):
         with torch.no_grad():
-            for gate, p in zip(hiap_core.gated_vit.gates(gated), probs):
+            for gate, p in zip(hiap_core.core.gated_vit.gates(gated), probs):
                 gate.logits.copy_(torch.where(torch.rand_like(p) < p, 10.0, -10.0))
         samples.append(hiap_core.count_macs(gated))
     mc = torch.tensor(samples, dtype=torch.float64)
@@ -136,5 +141,5 @@ def test_expected_macs_parts_and_gradients():
     assert expected.static + expected.dense_prunable == hiap_core.count_macs(make_vit())
     macro, micro = hiap_core.cost_penalties(expected)
     (macro + micro).backward()
-    for gate in hiap_core.gated_vit.gates(gated):
+    for gate in hiap_core.core.gated_vit.gates(gated):
         assert gate.logits.grad is not None and torch.all(gate.logits.grad > 0)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hiap_core import data
-from hiap_core.config import DataConfig
+from hiap_core.train import data
+from hiap_core.train.config import DataConfig
 
 FASHION = data.FASHION_MNIST_DIRS[0]
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (make data)")
@@ -79,8 +79,12 @@ def write_cifar10_archive(path, per_batch=6, seed=0):
     rng = np.random.default_rng(seed)
     with tarfile.open(path, "w:gz") as tar:
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            batch = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, per_batch).tolist(),
-                     b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"filenames": [b"x.png"] * per_batch}
+            batch = {
+                b"batch_label": name.encode(),
+                b"labels": rng.integers(0, 10, per_batch).tolist(),
+                b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                b"filenames": [b"x.png"] * per_batch,
+            }
             raw = pickle.dumps(batch, protocol=2)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(raw)
@@ -146,7 +150,10 @@ def test_augmentation_is_a_padded_crop_with_optional_flip():
 
 def test_loader_shards_global_batches_across_ranks_and_is_deterministic():
     ds = data.ArrayDataset(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8), torch.arange(40), 40)
-    make = lambda rank=0, world=1: data.TensorLoader(ds, 8, (0.5,), (0.5,), True, seed=3, augment_padding=1, rank=rank, world=world)  # noqa: E731
+
+    def make(rank=0, world=1):
+        return data.TensorLoader(ds, 8, (0.5,), (0.5,), True, seed=3, augment_padding=1, rank=rank, world=world)
+
     single = list(make())
     ranks = [list(make(r, 2)) for r in range(2)]
     assert len(single) == 5

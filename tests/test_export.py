@@ -5,7 +5,7 @@ import torch
 from conftest import TINY_VARIANTS, gated_copy, make_vit
 
 import hiap_core
-from hiap_core import export
+from hiap_core.core import export
 
 GEN_SEED = 7
 
@@ -20,8 +20,9 @@ def pruned_variant(name: str) -> hiap_core.PrunedViT:
         heads[0] = True
         values = torch.rand(attn.num_heads, attn.head_dim, generator=gen) < 0.6
         values[:, 0] = True
-        state.append({"heads": heads, "values": values, "ffn": i != 0,
-                      "neurons": torch.rand(mlp.fc1.out_features, generator=gen) < 0.5})
+        state.append(
+            {"heads": heads, "values": values, "ffn": i != 0, "neurons": torch.rand(mlp.fc1.out_features, generator=gen) < 0.5}
+        )
     hiap_core.set_gate_state(gated, state)
     return hiap_core.extract(gated).eval()
 

@@ -33,7 +33,12 @@ def test_extraction_of_cifar_vit_tiny_with_heterogeneous_widths():
     torch.manual_seed(0)
     gated = gated_copy(cifar_vit_tiny())
     state = [
-        {"heads": torch.tensor([True, True, True]), "values": torch.rand(3, 64) < torch.tensor([[0.2], [0.5], [0.9]]), "neurons": torch.rand(768) < 0.4, "ffn": torch.tensor(layer != 5)}
+        {
+            "heads": torch.tensor([True, True, True]),
+            "values": torch.rand(3, 64) < torch.tensor([[0.2], [0.5], [0.9]]),
+            "neurons": torch.rand(768) < 0.4,
+            "ffn": torch.tensor(layer != 5),
+        }
         for layer in range(6)
     ]
     hiap_core.set_gate_state(gated, state)
@@ -102,7 +107,7 @@ def test_load_pruned_needs_no_training_code(tmp_path):
     folder = hiap_core.save_pruned(hiap_core.extract(gated_copy(make_vit())), tmp_path / "m")
     code = (
         "import sys, torch; sys.modules['timm'] = None\n"  # any timm import would now fail
-        "from hiap_core.pruned import load_pruned\n"
+        "from hiap_core.core.pruned import load_pruned\n"
         f"m = load_pruned({str(folder)!r}); print(m(torch.zeros(1, 3, 16, 16)).shape)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,3 @@
-
 import pytest
 import timm
 import torch
@@ -129,8 +128,18 @@ def test_inconsistent_gate_configuration_raises():
 def test_set_and_read_hard_gate_state_round_trip():
     gated = gated_copy(make_vit())
     state = [
-        {"heads": torch.tensor([True, False, True]), "values": torch.rand(3, 8) > 0.5, "ffn": torch.tensor(True), "neurons": torch.rand(48) > 0.5},
-        {"heads": torch.tensor([False, False, False]), "values": torch.ones(3, 8, dtype=torch.bool), "ffn": torch.tensor(False), "neurons": torch.ones(48, dtype=torch.bool)},
+        {
+            "heads": torch.tensor([True, False, True]),
+            "values": torch.rand(3, 8) > 0.5,
+            "ffn": torch.tensor(True),
+            "neurons": torch.rand(48) > 0.5,
+        },
+        {
+            "heads": torch.tensor([False, False, False]),
+            "values": torch.ones(3, 8, dtype=torch.bool),
+            "ffn": torch.tensor(False),
+            "neurons": torch.ones(48, dtype=torch.bool),
+        },
     ]
     hiap_core.set_gate_state(gated, state)
     for got, want in zip(hiap_core.hard_gate_state(gated), state):

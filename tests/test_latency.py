@@ -10,14 +10,20 @@ from conftest import make_vit
 from hypothesis import given, strategies as st
 
 import hiap_core
-from hiap_core import latency
+from hiap_core.measure import cost_table as latency
 
 
 def synthetic_samples(coefficients: dict, n: int, seed: int = 0) -> pd.DataFrame:
     gen = np.random.default_rng(seed)
-    samples = pd.DataFrame({"heads": gen.integers(1, 36, n), "value_dims": gen.integers(8, 2300, n), "neurons": gen.integers(0, 9000, n)})
-    samples["ms"] = (coefficients["static"] + coefficients["head"] * samples["heads"]
-                     + coefficients["value_dim"] * samples["value_dims"] + coefficients["neuron"] * samples["neurons"])
+    samples = pd.DataFrame(
+        {"heads": gen.integers(1, 36, n), "value_dims": gen.integers(8, 2300, n), "neurons": gen.integers(0, 9000, n)}
+    )
+    samples["ms"] = (
+        coefficients["static"]
+        + coefficients["head"] * samples["heads"]
+        + coefficients["value_dim"] * samples["value_dims"]
+        + coefficients["neuron"] * samples["neurons"]
+    )
     return samples
 
 

@@ -14,7 +14,7 @@ import torch
 from ruamel.yaml import YAML
 
 import hiap_core
-from hiap_core import imagenet, profiles  # noqa: F401  (hiap_core.imagenet used below)
+from hiap_core.train import paths, profiles
 from test_data import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,8 @@ def enable_tiny_imagenet(repo: Path, tmp: Path) -> None:
     yaml = YAML()
     params = yaml.load((repo / "params.yaml").read_text())
     params["imagenet"] = {
-        "enabled": True, "nproc_per_node": 2,
+        "enabled": True,
+        "nproc_per_node": 2,
         "data": {"dataset": "imagenet", "root": str(folder), "workers": 0},
         "model": {"name": "deit_tiny_patch16_224", "img_size": 32, "num_classes": 3, "pretrained": str(tmp / "deit_tiny.pth")},
         "hiap": {"epochs": 1, "batch_size": 4, "lr": 0.0005, "warmup_epochs": 0},
@@ -73,7 +74,7 @@ def test_smoke_profile_reproduces_every_report(tmp_path):
 
     table2 = (repo / "reports" / "tables" / "table2_imagenet.md").read_text()
     assert "HiAP (this repo)" in table2 and "not run" not in table2
-    pruned = hiap_core.load_pruned(repo / hiap_core.imagenet.RUN_DIR / "model")
+    pruned = hiap_core.load_pruned(repo / paths.IMAGENET_RUN.relative_to(paths.PROJECT_ROOT) / "model")
     assert pruned.spec.num_classes == 3
 
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from hiap_core import torchvision_compat
+from hiap_core.core import torchvision_compat
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -21,7 +21,7 @@ def test_shim_acts_only_when_the_extension_fails():
     # In a fresh interpreter: decide, then check the operators exist exactly when the shim acted.
     code = (
         "import torch\n"
-        "from hiap_core import torchvision_compat as c\n"
+        "from hiap_core.core import torchvision_compat as c\n"
         "path = c.torchvision_extension_path()\n"
         "acted = c._fragment is not None\n"
         "print(path is not None, acted, hasattr(torch.ops.torchvision, 'nms'), hasattr(torch.ops.torchvision, 'qnms'))\n"

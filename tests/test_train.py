@@ -12,14 +12,23 @@ import torch
 from safetensors.torch import load_file
 
 import hiap_core
-from hiap_core import train as engine
-from hiap_core.config import ConfigError, RunConfig, apply_overrides, config_from_params
+from hiap_core.train import engine
+from hiap_core.train.config import ConfigError, RunConfig, apply_overrides, config_from_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "data": {"dataset": "fashion_mnist", "train_subset": 384, "test_subset": 128},
-    "model": {"name": "custom", "img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 32, "depth": 2,
-              "num_heads": 2, "mlp_ratio": 2.0, "num_classes": 10},
+    "model": {
+        "name": "custom",
+        "img_size": 28,
+        "patch_size": 7,
+        "in_chans": 1,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "mlp_ratio": 2.0,
+        "num_classes": 10,
+    },
     "dense": {"epochs": 2, "batch_size": 64, "lr": 0.002, "warmup_epochs": 0.5},
     "hiap": {"epochs": 3, "batch_size": 64, "lr": 0.001, "lambda_macro": 2.0, "lambda_micro": 1.0, "gate_lr": 0.2},
     "baselines": {"epochs": 1, "batch_size": 64, "lr": 0.001},
@@ -93,8 +102,8 @@ def test_param_groups_exclude_gates_norms_and_biases_from_decay():
 
     model = hiap_core.gate_vit(make_vit())
     cfg = tiny_cfg("hiap", "x", teacher="t")
-    decay, no_decay, gates = engine.param_groups(model, cfg)
-    assert gates["base_lr"] == cfg.optim.gate_lr and gates["weight_decay"] == 0
+    decay, no_decay, gates = hiap_core.param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.gate_lr)
+    assert gates["lr"] == cfg.optim.gate_lr and gates["weight_decay"] == 0
     assert {id(p) for p in gates["params"]} == {id(p) for p in hiap_core.gate_parameters(model)}
     assert all(p.ndim == 2 or p.ndim == 4 for p in decay["params"])
     names = {id(p): n for n, p in model.named_parameters()}
@@ -112,7 +121,9 @@ def test_dense_hiap_and_baselines_end_to_end(dense_run, tmp_path):
     hiap = engine.train(tiny_cfg("hiap", tmp_path / "hiap", teacher=str(dense_dir)))
     history = pd.read_csv(tmp_path / "hiap" / "history.csv")
     assert list(history["epoch"]) == [1, 2, 3]
-    assert {"test_acc", "train_task", "train_macro", "train_micro", "train_feas", "tau", "expected_macs", "hard_macs"} <= set(history)
+    assert {"test_acc", "train_task", "train_macro", "train_micro", "train_feas", "tau", "expected_macs", "hard_macs"} <= set(
+        history
+    )
     assert history["tau"].is_monotonic_decreasing and history["tau"].iloc[-1] == pytest.approx(0.5, rel=0.1)
     gates = pd.read_csv(tmp_path / "hiap" / "gates.csv")
     assert sorted(gates["epoch"].unique()) == [0, 1, 2, 3] and len(gates) == 4 * 2
@@ -149,11 +160,18 @@ def test_latency_cost_run_lands_on_a_latency_target(dense_run, tmp_path):
     """`hiap.cost: latency` drives the same penalties and budget from a cost table (here a made-up one in
     which heads are dear: the run must land on the target in table units, not in MACs)."""
     spec = hiap_core.load_pruned(dense_run[0] / "model").spec
-    table = {"unit": "ms", "spec": spec.dense().to_dict(),
-             "coefficients": {"static": 2.0, "head": 1.0, "value_dim": 0.01, "neuron": 0.005}}
+    table = {
+        "unit": "ms",
+        "spec": spec.dense().to_dict(),
+        "coefficients": {"static": 2.0, "head": 1.0, "value_dim": 0.01, "neuron": 0.005},
+    }
     (tmp_path / "table.json").write_text(json.dumps(table))
-    cfg = tiny_cfg("hiap", tmp_path / "run", teacher=str(dense_run[0]), **{
-        "hiap.cost": "latency", "hiap.cost_table": str(tmp_path / "table.json"), "hiap.target_latency": 0.7})
+    cfg = tiny_cfg(
+        "hiap",
+        tmp_path / "run",
+        teacher=str(dense_run[0]),
+        **{"hiap.cost": "latency", "hiap.cost_table": str(tmp_path / "table.json"), "hiap.target_latency": 0.7},
+    )
     metrics = engine.train(cfg)
     costs = hiap_core.load_cost_table(tmp_path / "table.json", spec)
     final = hiap_core.load_pruned(tmp_path / "run" / "model").spec
@@ -169,12 +187,12 @@ def test_baselines_reach_targets_or_say_why():
     dense_macs = hiap_core.count_macs(dense)
     for method in ("uniform", "l1_ffn"):
         for target in (0.67, 0.5):
-            pruned = hiap_core.baselines.prune_to_target(dense, method, target)
+            pruned = hiap_core.prune_to_target(dense, method, target)
             assert abs(hiap_core.count_macs(pruned) / dense_macs / target - 1) <= 0.005
-    l1 = hiap_core.structure_summary(hiap_core.baselines.prune_to_target(dense, "l1_ffn", 0.5))
+    l1 = hiap_core.structure_summary(hiap_core.prune_to_target(dense, "l1_ffn", 0.5))
     assert list(l1["heads"][:-1]) == [3] * 6  # attention untouched
     with pytest.raises(ValueError, match="attention cost is a floor"):
-        hiap_core.baselines.prune_to_target(dense, "l1_ffn", 0.1)
+        hiap_core.prune_to_target(dense, "l1_ffn", 0.1)
 
 
 @needs_fashion
@@ -186,8 +204,10 @@ def test_wrong_or_missing_teacher_is_a_clear_error(dense_run, tmp_path):
 
 
 def test_offline_pretrained_checkpoint_missing_is_a_clear_error():
-    cfg = RunConfig(method="hiap", model=hiap_core.config.ModelConfig(name="deit_tiny_patch16_224", pretrained="/no/such.pth",
-                                                                         num_classes=1000))
+    cfg = RunConfig(
+        method="hiap",
+        model=hiap_core.train.config.ModelConfig(name="deit_tiny_patch16_224", pretrained="/no/such.pth", num_classes=1000),
+    )
     with pytest.raises(ConfigError, match="file not found"):
         engine.build_dense_model(cfg)
 
@@ -195,16 +215,16 @@ def test_offline_pretrained_checkpoint_missing_is_a_clear_error():
 @needs_fashion
 def test_nan_loss_stops_with_a_clear_message_keeping_the_checkpoint(dense_run, tmp_path, monkeypatch):
     cfg = tiny_cfg("hiap", tmp_path, teacher=str(dense_run[0]))
-    original, calls = engine.Trainer._loss, []
+    original, calls = engine.step_loss, []
 
-    def poisoned(self, *args):
-        terms = original(self, *args)
+    def poisoned(*args):
+        terms = original(*args)
         calls.append(1)
         if len(calls) > 7:  # second epoch (6 steps per epoch)
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(engine.Trainer, "_loss", poisoned)
+    monkeypatch.setattr(engine, "step_loss", poisoned)
     with pytest.raises(engine.TrainingDiverged, match="non-finite loss at epoch 2.*checkpoint.*is kept"):
         engine.train(cfg)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
@@ -212,8 +232,15 @@ def test_nan_loss_stops_with_a_clear_message_keeping_the_checkpoint(dense_run, t
 
 def cli(args, **kwargs):
     env = {**os.environ, "CI": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hiap_core.train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hiap_core.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def write_params(path):
@@ -258,7 +285,9 @@ def test_rerun_with_a_different_config_refuses_to_mix_checkpoints(dense_run, tmp
     params = write_params(tmp_path / "params.yaml")
     run = cli(["--params", str(params), "--method", "dense", "--out", str(tmp_path / "d"), "--set", "optim.epochs=1"])
     assert run.wait(timeout=300) == 0
-    again = cli(["--params", str(params), "--method", "dense", "--out", str(tmp_path / "d"), "--set", "optim.lr=0.1", "optim.epochs=1"])
+    again = cli(
+        ["--params", str(params), "--method", "dense", "--out", str(tmp_path / "d"), "--set", "optim.lr=0.1", "optim.epochs=1"]
+    )
     output = again.communicate(timeout=300)[0]
     assert again.returncode == 2 and "different config (optim)" in output and "Traceback" not in output
 
@@ -279,8 +308,14 @@ def test_torchrun_two_process_gloo_matches_one_process(dense_run, tmp_path):
     assert single.wait(timeout=300) == 0, single.stdout.read()
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "CI": "1", "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "hiap_core.train", *common,
-                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    ddp = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "hiap_core.train", *common, "--out", str(tmp_path / "two")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert ddp.stdout.count("final:") == 1  # rank-0-only logging
     one, two = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("one", "two"))
@@ -295,7 +330,7 @@ def test_stage_groups_may_train_on_a_subset_and_profiles_merge(tmp_path):
     assert config_from_params(params, "hiap", {"teacher": "t"}).data.train_subset == 100
     assert config_from_params(params, "dense").data.train_subset == TINY["data"]["train_subset"]
 
-    from hiap_core import profiles
+    from hiap_core.train import profiles
 
     file = tmp_path / "params.yaml"
     file.write_text("# kept comment\ndata:\n  dataset: fashion_mnist  # inline\n  train_subset: null\nhiap:\n  epochs: 3\n")

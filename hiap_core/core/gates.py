@@ -1,4 +1,4 @@
-"""Gumbel-Sigmoid gates with a straight-through estimator (DESIGN.md, "Gates")."""
+"""Gumbel-Sigmoid gates with a straight-through estimator (hiap_core/DESIGN.md, "Gates")."""
 
 from __future__ import annotations
 

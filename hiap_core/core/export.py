@@ -37,20 +37,40 @@ def export_onnx(model: PrunedViT, path: str | os.PathLike, check: bool = True, a
 
     With `check`, onnxruntime runs it on random images and the largest difference from PyTorch must be
     <= `atol`, else a ValueError is raised and no file is left behind."""
+    return _export(model, path, check, atol)[0]
+
+
+def onnx_runtime(model: PrunedViT, path: str | os.PathLike, threads: int | None = None, atol: float = 1e-4):
+    """Export `model` to `path` (checked as in `export_onnx`) and open an onnxruntime session on it;
+    returns (session, the largest |onnxruntime - PyTorch| the check measured)."""
+    path, diff = _export(model, path, True, atol)
+    return onnx_session(path, threads), diff
+
+
+def _export(model: PrunedViT, path: str | os.PathLike, check: bool, atol: float) -> tuple[Path, float | None]:
     program = export_program(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own progress chatter
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET, input_names=[INPUT],
-                                         output_names=[OUTPUT], external_data=False, verbose=False)
+        onnx_program = torch.onnx.export(
+            program,
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            external_data=False,
+            verbose=False,
+        )
+    diff = None
 
     def write(tmp: Path) -> None:
+        nonlocal diff
         onnx_program.save(str(tmp), external_data=False)
         if check:
             diff = onnx_max_abs_diff(model, tmp)
             if diff > atol:
                 raise ValueError(f"onnxruntime output differs from PyTorch by {diff:.3g} > {atol:g}")
 
-    return atomic_write(path, write)
+    return atomic_write(path, write), diff
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):

@@ -1,4 +1,4 @@
-"""HiAP objective terms (DESIGN.md, "Loss" and "Feasibility penalties") and the temperature schedule."""
+"""HiAP objective terms (hiap_core/DESIGN.md, "Loss" and "Feasibility penalties") and the temperature schedule."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cost import ExpectedCost
+from .gated_vit import gated_blocks
 
 
 def kd_loss(
@@ -47,8 +48,6 @@ def feasibility_penalty(
 ) -> torch.Tensor:
     """`sum_l relu(k_min - sum_h p(g))^2` plus, weighted by each live structure's macro probability,
     `relu(frac_min - mean p(d))^2` per head and `relu(frac_min - mean p(c))^2` per FFN."""
-    from .gated_vit import gated_blocks
-
     blocks = gated_blocks(gated)
     num_heads = blocks[0][0].num_heads
     if not 0 <= min_heads <= num_heads:

@@ -73,11 +73,11 @@ class HiAPConfig:
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
     cost: str = "macs"  # what the penalties (and a budget) measure: macs | latency (needs cost_table)
-    cost_table: str | None = None  # per-unit latency table JSON written by hiap_core.latency
+    cost_table: str | None = None  # per-unit latency table JSON written by hiap_core.measure.cost_table
     target_latency: float | None = None  # budget-exact mode for cost latency: fraction of dense latency
     budget_lr: float = 0.1  # budget-exact mode: integral step on log(penalty scale) per unit of overshoot
     budget_gain: float = 20.0  # ... proportional: log(penalty scale) offset per unit of the current overshoot
-    budget_ramp: float = 0.5  # ... the target falls from dense to its value over this fraction of training
+    budget_ramp: float = 0.5  # ... the target falls from the first observed cost to its value over this fraction of training
     budget_tolerance: float = 0.005  # ... final hardened cost further than this (relative): round the least sure gates
 
 
@@ -139,9 +139,17 @@ def _validate(cfg: RunConfig) -> None:
         ("data.test_subset", cfg.data.test_subset is None or cfg.data.test_subset >= 1, "must be >= 1 or null"),
         ("data.workers", cfg.data.workers >= 0, "must be >= 0"),
         ("model.img_size", cfg.model.img_size >= 1, "must be >= 1"),
-        ("model.patch_size", cfg.model.patch_size >= 1 and cfg.model.img_size % cfg.model.patch_size == 0, "must divide model.img_size"),
+        (
+            "model.patch_size",
+            cfg.model.patch_size >= 1 and cfg.model.img_size % cfg.model.patch_size == 0,
+            "must divide model.img_size",
+        ),
         ("model.in_chans", cfg.model.in_chans >= 1, "must be >= 1"),
-        ("model.num_heads", cfg.model.num_heads >= 1 and cfg.model.embed_dim % cfg.model.num_heads == 0, "must divide model.embed_dim"),
+        (
+            "model.num_heads",
+            cfg.model.num_heads >= 1 and cfg.model.embed_dim % cfg.model.num_heads == 0,
+            "must divide model.embed_dim",
+        ),
         ("model.depth", cfg.model.depth >= 1, "must be >= 1"),
         ("model.mlp_ratio", cfg.model.mlp_ratio > 0, "must be > 0"),
         ("model.num_classes", cfg.model.num_classes >= 2, "must be >= 2"),
@@ -166,15 +174,31 @@ def _validate(cfg: RunConfig) -> None:
         ("hiap.kd_alpha", 0 <= cfg.hiap.kd_alpha <= 1, "must be in [0, 1]"),
         ("hiap.kd_temperature", cfg.hiap.kd_temperature > 0, "must be > 0"),
         ("hiap.cost", cfg.hiap.cost in COSTS, f"must be one of {', '.join(COSTS)}"),
-        ("hiap.cost_table", cfg.hiap.cost != "latency" or cfg.hiap.cost_table is not None,
-         "hiap.cost = latency needs a cost table: measure one with `python -m hiap_core.latency --out FILE`"),
-        ("hiap.target_latency", cfg.hiap.target_latency is None or 0 < cfg.hiap.target_latency <= 1,
-         "must be a fraction of dense latency in (0, 1] or null"),
-        ("hiap.target_latency", cfg.hiap.target_latency is None or cfg.hiap.cost == "latency",
-         "needs hiap.cost = latency (with hiap.cost = macs set target_macs)"),
-        ("target_macs", cfg.target_macs is None or cfg.method != "hiap" or cfg.hiap.cost == "macs",
-         "is a MACs budget: with hiap.cost = latency set hiap.target_latency instead"),
-        ("target_macs", cfg.target_macs is None or cfg.target_macs > 0, "must be > 0: a fraction of dense MACs (<= 1) or MACs (> 1)"),
+        (
+            "hiap.cost_table",
+            cfg.hiap.cost != "latency" or cfg.hiap.cost_table is not None,
+            "hiap.cost = latency needs a cost table: measure one with `python -m hiap_core.measure.cost_table --out FILE`",
+        ),
+        (
+            "hiap.target_latency",
+            cfg.hiap.target_latency is None or 0 < cfg.hiap.target_latency <= 1,
+            "must be a fraction of dense latency in (0, 1] or null",
+        ),
+        (
+            "hiap.target_latency",
+            cfg.hiap.target_latency is None or cfg.hiap.cost == "latency",
+            "needs hiap.cost = latency (with hiap.cost = macs set target_macs)",
+        ),
+        (
+            "target_macs",
+            cfg.target_macs is None or cfg.method != "hiap" or cfg.hiap.cost == "macs",
+            "is a MACs budget: with hiap.cost = latency set hiap.target_latency instead",
+        ),
+        (
+            "target_macs",
+            cfg.target_macs is None or cfg.target_macs > 0,
+            "must be > 0: a fraction of dense MACs (<= 1) or MACs (> 1)",
+        ),
         ("hiap.budget_lr", cfg.hiap.budget_lr > 0, "must be > 0"),
         ("hiap.budget_gain", cfg.hiap.budget_gain >= 0, "must be >= 0"),
         ("hiap.budget_ramp", 0 <= cfg.hiap.budget_ramp < 1, "must be in [0, 1)"),
@@ -193,7 +217,7 @@ def _validate(cfg: RunConfig) -> None:
 
 
 def _timm_models() -> set[str]:
-    from . import torchvision_compat  # noqa: F401
+    from ..core import torchvision_compat  # noqa: F401
     import timm
 
     return set(timm.list_models())

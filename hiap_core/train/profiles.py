@@ -1,4 +1,4 @@
-"""Named parameter profiles: `python -m hiap_core.profiles NAME [--params params.yaml]` merges a
+"""Named parameter profiles: `python -m hiap_core.train.profiles NAME [--params params.yaml]` merges a
 profile into params.yaml; then `dvc repro` (or `make repro`) runs the study with it.
 
 - `paper`: the paper's CIFAR-10 ViT-Tiny study (img 32, patch 4, 200 epochs): for a machine with a GPU.
@@ -12,11 +12,21 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from .paths import PARAMS
+
 PROFILES = {
     "paper": {
         "data": {"dataset": "cifar10", "root": None, "train_subset": None, "test_subset": None},
-        "model": {"img_size": 32, "patch_size": 4, "in_chans": 3, "embed_dim": 192, "depth": 6, "num_heads": 3,
-                  "mlp_ratio": 4.0, "num_classes": 10},
+        "model": {
+            "img_size": 32,
+            "patch_size": 4,
+            "in_chans": 3,
+            "embed_dim": 192,
+            "depth": 6,
+            "num_heads": 3,
+            "mlp_ratio": 4.0,
+            "num_classes": 10,
+        },
         "dense": {"epochs": 200, "warmup_epochs": 5},
         "hiap": {"epochs": 200},
         "baselines": {"epochs": 200},
@@ -26,9 +36,11 @@ PROFILES = {
         "data": {"train_subset": 256, "test_subset": 128},
         "model": {"embed_dim": 48, "num_heads": 3, "depth": 2, "mlp_ratio": 4.0},
         "dense": {"epochs": 1, "warmup_epochs": 0.5, "batch_size": 64},
-        "hiap": {"epochs": 2, "batch_size": 64, "gate_lr": 0.5, "init_logit": 1.0,
-                 "budgets": {"moderate": {"target_macs": 0.67, "lambda_macro": 1.0, "lambda_micro": 0.5},
-                             "aggressive": {"target_macs": 0.5, "lambda_macro": 4.0, "lambda_micro": 2.0}}},
+        "hiap": {"epochs": 2, "batch_size": 64, "gate_lr": 0.5, "init_logit": 1.0},
+        "budgets": {
+            "moderate": {"target_macs": 0.67, "lambda_macro": 1.0, "lambda_micro": 0.5},
+            "aggressive": {"target_macs": 0.5, "lambda_macro": 4.0, "lambda_micro": 2.0},
+        },
         "baselines": {"epochs": 1, "batch_size": 64},
         "sweep": {"epochs": 1, "train_subset": 128},
         "latency": {"batch1_runs": 3, "batch64_runs": 2, "versus_runs": 2},
@@ -49,7 +61,7 @@ def merge(base, override: dict):
     return base
 
 
-def apply(name: str, params: Path = Path("params.yaml")) -> dict:
+def apply(name: str, params: Path = PARAMS) -> dict:
     if name not in PROFILES:
         raise SystemExit(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
     yaml = YAML()  # round-trip: the comments of params.yaml survive
@@ -62,7 +74,7 @@ def apply(name: str, params: Path = Path("params.yaml")) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(PROFILES))
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=PARAMS)
     args = parser.parse_args(argv)
     apply(args.name, args.params)
     print(f"{args.params}: profile {args.name!r} applied; run `dvc repro` (or `make repro`)")

@@ -11,11 +11,12 @@ import math
 import torch
 from torch import nn
 
-from .arch import LayerSpec, describe
 from .cost import count_macs, unit_costs
+from .describe import describe
 from .extract import extract
 from .gated_vit import gate_vit, gated_blocks, set_gate_state
 from .pruned import PrunedViT
+from .spec import LayerSpec
 
 TOLERANCE = 0.005  # relative to the target MACs fraction
 

@@ -1,4 +1,5 @@
-"""Gated drop-ins for timm's `Attention` and `Mlp` (DESIGN.md, "Where the gates act").
+"""Gated drop-ins for timm's `Attention` and `Mlp` (hiap_core/DESIGN.md, "Where the gates act"), and
+`check_vit`: which timm ViTs hiap_core can gate, count and extract exactly.
 
 The drop-ins adopt the timm module's own sub-modules (`qkv`, `proj`, `fc1`, `fc2`, ...), so parameter
 names do not change and a timm state dict loads into a gated model unchanged. Four gate families per
@@ -16,6 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gates import GumbelSigmoidGate
+
+SUPPORTED = (
+    "a timm VisionTransformer with standard pre-norm `Block`s (timm `Attention` without qk_norm, "
+    "scale_norm or attention gate; timm `Mlp` with nn.GELU), a Conv2d patch embedding with learned "
+    "absolute position embeddings at a fixed image size, LayerNorm norms and 'token' or 'avg' pooling "
+    "(e.g. deit_tiny/small_patch16_224, vit_small/base_patch16_224)"
+)
 
 
 class GatedAttention(nn.Module):
@@ -85,6 +93,69 @@ class GatedMlp(nn.Module):
         return self.drop2(F.linear(h, self.fc2.weight * columns, bias))
 
 
+def _unsupported(what: str) -> TypeError:
+    return TypeError(f"unsupported model: {what}. hiap_core supports {SUPPORTED}.")
+
+
+def _layernorm_eps(module: nn.Module, what: str) -> float | None:
+    if isinstance(module, nn.Identity):
+        return None
+    if type(module).__name__ == "LayerNorm" and isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        return module.eps
+    raise _unsupported(f"{what} is {type(module).__name__}, expected LayerNorm or Identity")
+
+
+def check_vit(model: nn.Module) -> None:
+    """Raise TypeError unless `model` is a timm ViT (dense or gated) that hiap_core can gate and extract."""
+    # timm is imported where it is used, so that the core (load_pruned above all) imports without it
+    from timm.layers import Mlp, PatchEmbed
+    from timm.layers.attention import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise _unsupported(f"got {type(model).__name__}")
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed or not isinstance(pe.proj, nn.Conv2d) or not pe.flatten or not isinstance(pe.norm, nn.Identity):
+        raise _unsupported("the patch embedding is not a plain timm PatchEmbed (Conv2d, flatten, no norm)")
+    if getattr(model, "dynamic_img_size", False) or getattr(pe, "dynamic_img_pad", False) or not pe.strict_img_size:
+        raise _unsupported("dynamic image size is not supported (MACs depend on a fixed token count)")
+    if model.pos_embed is None:
+        raise _unsupported("the model has no learned absolute position embedding")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+        raise _unsupported(f"global_pool={model.global_pool!r}")
+    if getattr(model, "pool_include_prefix", False):
+        raise _unsupported("pool_include_prefix=True")
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+        raise _unsupported(f"the classifier head is {type(model.head).__name__}")
+    eps = {_layernorm_eps(m, n) for n, m in (("norm_pre", model.norm_pre), ("norm", model.norm), ("fc_norm", model.fc_norm))}
+    for i, blk in enumerate(model.blocks):
+        if type(blk) is not Block:
+            raise _unsupported(f"block {i} is {type(blk).__name__}, expected timm Block")
+        attn, mlp = blk.attn, blk.mlp
+        if not isinstance(attn, GatedAttention):
+            if type(attn) is not Attention:
+                raise _unsupported(f"block {i} attention is {type(attn).__name__}, expected timm Attention")
+            if not (
+                isinstance(attn.q_norm, nn.Identity)
+                and isinstance(attn.k_norm, nn.Identity)
+                and isinstance(attn.norm, nn.Identity)
+            ):
+                raise _unsupported(f"block {i} attention uses qk_norm or scale_norm")
+            if getattr(attn, "gate", None) is not None:
+                raise _unsupported(f"block {i} attention has an output gate (gated=True)")
+        if not isinstance(mlp, GatedMlp):
+            if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
+                raise _unsupported(f"block {i} MLP is {type(mlp).__name__}, expected timm Mlp with Linear layers")
+            if not isinstance(mlp.norm, nn.Identity):
+                raise _unsupported(f"block {i} MLP uses scale_mlp_norm")
+        if type(mlp.act) is not nn.GELU:
+            raise _unsupported(f"block {i} MLP activation is {type(mlp.act).__name__}, expected nn.GELU")
+        eps |= {_layernorm_eps(blk.norm1, f"block {i} norm1"), _layernorm_eps(blk.norm2, f"block {i} norm2")}
+    eps.discard(None)
+    if len(eps) > 1:
+        raise _unsupported(f"LayerNorms use different eps values {sorted(eps)}")
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """How gates are created. `init_logit` > 0 starts every unit open (p = sigmoid(init_logit))."""
@@ -105,8 +176,6 @@ def gate_vit(model: nn.Module, **cfg) -> nn.Module:
     Keyword arguments are `GateConfig` fields (`init_logit`, `tau`). Parameters are shared with the
     source modules, not copied: gate a `copy.deepcopy` if the dense model must stay dense (teacher).
     """
-    from .arch import check_vit
-
     unknown = set(cfg) - set(GateConfig.__dataclass_fields__)
     if unknown:
         raise TypeError(f"gate_vit got unknown options {sorted(unknown)}; valid: {sorted(GateConfig.__dataclass_fields__)}")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import torch
 from torch import nn
 
-from .arch import ViTSpec, count_params, describe
 from .cost import spec_macs, unit_costs
+from .describe import describe
 from .gated_vit import gated_blocks
-from .pruned import BiasOnly, LayerScale, PrunedViT
+from .pruned import BiasOnly, LayerScale, PrunedViT, count_params
+from .spec import ViTSpec
 
 
 def _copy_linear(dst: nn.Linear, src: nn.Linear, rows=None, cols=None) -> None:
@@ -72,9 +72,12 @@ def extract(gated: nn.Module) -> PrunedViT:
     return model.eval()
 
 
-def structure_summary(model: nn.Module | ViTSpec) -> pd.DataFrame:
+def structure_summary(model: nn.Module | ViTSpec):
     """Per layer: live heads, value dims per head, FFN on/off, live neurons, MACs (with and without the
-    attention matmuls) and params; a last row `total` adds the static parts (patch embedding, head)."""
+    attention matmuls) and params; a last row `total` adds the static parts (patch embedding, head).
+    A pandas DataFrame: pandas is imported here, so importing the core stays free of it."""
+    import pandas as pd
+
     spec = model if isinstance(model, ViTSpec) else describe(model)
     with_mm, without_mm = unit_costs(spec, True), unit_costs(spec, False)
     layer_params = _layer_params(spec)

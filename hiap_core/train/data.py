@@ -23,14 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write
+from ..core.files import atomic_write
+from .paths import RAW_DATA
 
 
 class DatasetError(RuntimeError):
     """A dataset is missing, corrupt or malformed; the message names the file and the fix."""
 
 
-FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), Path("data/raw/fashion-mnist"))
+FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), RAW_DATA / "fashion-mnist")
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # sha256 of the decompressed IDX files (Debian's package recompresses them, so the .gz bytes differ).
 FASHION_MNIST_FILES = {
@@ -46,7 +47,7 @@ FASHION_MNIST_FILES = {
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR10_DIRS = (Path("data/raw/cifar10"),)
+CIFAR10_DIRS = (RAW_DATA / "cifar10",)
 
 NORMALIZATION = {  # (mean, std) per channel
     "fashion_mnist": ((0.2860,), (0.3530,)),
@@ -134,7 +135,9 @@ def load_fashion_mnist(split: str, root: str | None = None, download: bool = Tru
         array = _parse_idx(raw, path, shape, fix)
         digest = hashlib.sha256(raw).hexdigest()
         if digest != sha:
-            raise DatasetError(f"{path}: sha256 of its contents is {digest}, expected {sha} (corrupt or not the official file). {fix}")
+            raise DatasetError(
+                f"{path}: sha256 of its contents is {digest}, expected {sha} (corrupt or not the official file). {fix}"
+            )
         arrays.append(array)
     images, labels = arrays
     return ArrayDataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), 10)
@@ -169,8 +172,12 @@ def load_cifar10(split: str, root: str | None = None, download: bool = True, md5
     fix = f"Delete it and download the official {CIFAR10_ARCHIVE} again."
     digest = hashlib.md5(path.read_bytes()).hexdigest()
     if digest != expected:
-        raise DatasetError(f"{path}: md5 is {digest}, expected {expected} (corrupt, truncated or not the official archive). {fix}")
-    members = [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] if split == "train" else ["cifar-10-batches-py/test_batch"]
+        raise DatasetError(
+            f"{path}: md5 is {digest}, expected {expected} (corrupt, truncated or not the official archive). {fix}"
+        )
+    members = (
+        [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] if split == "train" else ["cifar-10-batches-py/test_batch"]
+    )
     images, labels = [], []
     try:
         with tarfile.open(path, "r:gz") as tar:
@@ -207,8 +214,18 @@ class TensorLoader:
     contiguous slice of every global batch. Evaluation: in order, ranks take interleaved samples.
     """
 
-    def __init__(self, data: ArrayDataset, batch_size: int, mean, std, train: bool, seed: int = 0,
-                 augment_padding: int = 0, rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        data: ArrayDataset,
+        batch_size: int,
+        mean,
+        std,
+        train: bool,
+        seed: int = 0,
+        augment_padding: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
         if train and len(data.labels) < batch_size:
@@ -253,8 +270,18 @@ class ImageFolderLoader:
     """ImageNet-style folders with timm/DeiT preprocessing (RandomResizedCrop, flip, colour jitter;
     eval resize + center crop), ImageNet mean/std, a DataLoader with worker processes."""
 
-    def __init__(self, folder: Path, img_size: int, batch_size: int, train: bool, seed: int = 0, workers: int = 4,
-                 rank: int = 0, world: int = 1, subset: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        img_size: int,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        workers: int = 4,
+        rank: int = 0,
+        world: int = 1,
+        subset: int | None = None,
+    ):
         import timm.data
         from torch.utils.data import DataLoader, DistributedSampler, Subset
         from torchvision.datasets import ImageFolder
@@ -267,8 +294,14 @@ class ImageFolderLoader:
             keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
             dataset = Subset(dataset, keep.tolist())
         self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
-        self.loader = DataLoader(dataset, batch_size=batch_size // world, sampler=self.sampler, num_workers=workers,
-                                 drop_last=train, persistent_workers=workers > 0)
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size // world,
+            sampler=self.sampler,
+            num_workers=workers,
+            drop_last=train,
+            persistent_workers=workers > 0,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -282,7 +315,9 @@ class ImageFolderLoader:
 
 def _imagenet_folder(root: str | None, split: str) -> Path:
     if not root:
-        raise DatasetError("ImageNet needs data.root: a folder with train/ and val/ in ImageFolder layout (one subfolder per class).")
+        raise DatasetError(
+            "ImageNet needs data.root: a folder with train/ and val/ in ImageFolder layout (one subfolder per class)."
+        )
     folder = Path(root) / split
     if not folder.is_dir():
         raise DatasetError(f"ImageNet folder {folder} is missing: data.root must hold train/ and val/ (ImageFolder layout).")

@@ -6,10 +6,10 @@ timed (round-robin, so drift hits all alike) and the linear decomposition
     latency = static + head * heads + value_dim * value dims + neuron * FFN neurons
 
 is fitted by least squares. It has the structure of the MACs cost, so `hiap.cost: latency` feeds it
-through the same penalty code (`cost.load_cost_table`). Models of other random widths, timed in the
+through the same penalty code (`hiap_core.load_cost_table`). Models of other random widths, timed in the
 same loop but not used in the fit, measure how well the table predicts real latency.
 
-    python -m hiap_core.latency --params params.yaml --out reports/tables/cost_table.json
+    python -m hiap_core.measure.cost_table --params params.yaml --out reports/tables/cost_table.json
 """
 
 from __future__ import annotations
@@ -24,42 +24,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import torchvision_compat  # noqa: F401  (before timm)
-from .arch import ViTSpec, describe
-from .bench import alternate, machine, random_feasible_state
-from .cost import UnitCosts, count_macs, spec_cost
-from .extract import extract
-from .files import atomic_write
-from .gated_vit import gate_vit, gated_blocks, set_gate_state
+from ..core.cost import UnitCosts, count_macs, spec_cost
+from ..core.describe import describe
+from ..core.extract import extract
+from ..core.files import atomic_write
+from ..core.gated_vit import gate_vit, set_gate_state
+from ..core.spec import ViTSpec
+from ..train.config import config_from_params
+from ..train.engine import build_dense_model
+from ..train.paths import PARAMS, REPORTS
+from .states import random_budget_state, random_width_state
+from .timing import alternate, machine
 
 COEFFICIENTS = ("static", "head", "value_dim", "neuron")
-
-
-def random_width_state(gated: nn.Module, gen: torch.Generator) -> list[dict]:
-    """A gate state whose head, value-dim and neuron keep rates are drawn independently (so the fit can
-    tell their costs apart); every layer keeps a head with a value dim, an FFN is removed 1 time in 8."""
-    keep = torch.rand(3, generator=gen) * 0.9 + 0.1  # heads, value dims, neurons
-    state = []
-    for attn, mlp in gated_blocks(gated):
-        heads = torch.rand(attn.num_heads, generator=gen) < keep[0]
-        heads[torch.randint(attn.num_heads, (), generator=gen)] = True
-        values = torch.rand(attn.num_heads, attn.head_dim, generator=gen) < keep[1]
-        values[:, 0] = True
-        neurons = torch.rand(mlp.fc1.out_features, generator=gen) < keep[2]
-        state.append({"heads": heads, "values": values, "ffn": bool(torch.rand((), generator=gen) >= 0.125), "neurons": neurons})
-    return state
-
-
-def _random_budget_state(gated: nn.Module, gen: torch.Generator) -> list[dict]:
-    """`random_feasible_state` at a random MACs fraction in [0.3, 0.95]; a draw whose budget falls in a gap
-    (a whole head appearing at once) is redrawn."""
-    for _ in range(100):
-        fraction = float(torch.empty(()).uniform_(0.3, 0.95, generator=gen))
-        try:
-            return random_feasible_state(gated, fraction, seed=int(torch.randint(2**31, (), generator=gen)))
-        except ValueError:
-            continue
-    raise RuntimeError("no random budget state found in 100 draws")
 
 
 def unit_counts(spec: ViTSpec) -> dict:
@@ -74,7 +51,12 @@ def unit_counts(spec: ViTSpec) -> dict:
 def fit_linear(samples: pd.DataFrame) -> dict:
     """Least squares `ms ~ static + head*heads + value_dim*value_dims + neuron*neurons`; a unit cost that comes
     out negative (noise) is fixed at 0 and the rest refitted, so the table stays a cost."""
-    columns = {"static": np.ones(len(samples)), "head": samples["heads"], "value_dim": samples["value_dims"], "neuron": samples["neurons"]}
+    columns = {
+        "static": np.ones(len(samples)),
+        "head": samples["heads"],
+        "value_dim": samples["value_dims"],
+        "neuron": samples["neurons"],
+    }
     free = list(COEFFICIENTS)
     while True:
         design = np.stack([np.asarray(columns[c], dtype=float) for c in free], axis=1)
@@ -87,9 +69,7 @@ def fit_linear(samples: pd.DataFrame) -> dict:
 
 
 def predict_ms(coefficients: dict, spec: ViTSpec) -> float:
-    costs = UnitCosts(alpha=coefficients["head"], beta=coefficients["value_dim"], gamma=coefficients["neuron"],
-                      static=coefficients["static"], unit="ms")
-    return spec_cost(spec, costs)
+    return spec_cost(spec, UnitCosts.from_coefficients(coefficients, "ms"))
 
 
 def prediction_quality(measured, predicted) -> dict:
@@ -97,19 +77,31 @@ def prediction_quality(measured, predicted) -> dict:
     residual = ((measured - predicted) ** 2).sum()
     total = ((measured - measured.mean()) ** 2).sum()
     relative = np.abs(predicted - measured) / measured
-    return {"r2": float(1 - residual / total), "max_relative_error": float(relative.max()), "mean_relative_error": float(relative.mean())}
+    return {
+        "r2": float(1 - residual / total),
+        "max_relative_error": float(relative.max()),
+        "mean_relative_error": float(relative.mean()),
+    }
 
 
-def measure_cost_table(dense: nn.Module, batch_size: int = 64, fit_models: int = 40, eval_models: int = 20,
-                       runs: int = 15, seed: int = 0, progress: bool = True) -> tuple[dict, pd.DataFrame]:
+def measure_cost_table(
+    dense: nn.Module,
+    batch_size: int = 64,
+    fit_models: int = 40,
+    eval_models: int = 20,
+    runs: int = 15,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict, pd.DataFrame]:
     """Time `fit_models` random-width and `eval_models` random-budget extracted models of `dense` (a timm ViT)
     round-robin at `batch_size`; fit the table on the first, evaluate it on the second.
 
     Returns (table, samples): the JSON-able table (coefficients in ms per batch, fit and evaluation quality,
     the machine) and one row per timed model."""
     if fit_models < len(COEFFICIENTS) or eval_models < 2 or runs < 1:
-        raise ValueError(f"need fit_models >= {len(COEFFICIENTS)}, eval_models >= 2 and runs >= 1 "
-                         f"(got {fit_models}, {eval_models}, {runs})")
+        raise ValueError(
+            f"need fit_models >= {len(COEFFICIENTS)}, eval_models >= 2 and runs >= 1 (got {fit_models}, {eval_models}, {runs})"
+        )
     gen = torch.Generator().manual_seed(seed)
     gated = gate_vit(copy.deepcopy(dense)).eval()
     models, rows = {}, []
@@ -117,7 +109,7 @@ def measure_cost_table(dense: nn.Module, batch_size: int = 64, fit_models: int =
         if i < fit_models:
             state, role = random_width_state(gated, gen), "fit"
         else:  # the evaluation set: what HiAP produces, random states at random MACs budgets
-            state, role = _random_budget_state(gated, gen), "eval"
+            state, role = random_budget_state(gated, gen), "eval"
         set_gate_state(gated, state)
         models[f"m{i}"] = extract(gated).eval()
         spec = models[f"m{i}"].spec
@@ -155,27 +147,34 @@ def write_cost_table(table: dict, path) -> None:
 
 def cost_table_from_params(params: dict, progress: bool = True) -> tuple[dict, pd.DataFrame]:
     """`measure_cost_table` for the `model` of params.yaml with the `cost_table` group's settings."""
-    from .config import config_from_params
-    from .train import build_dense_model
-
     settings = params["cost_table"]
     torch.set_num_threads(settings["threads"])
     torch.manual_seed(settings["seed"])
     dense = build_dense_model(config_from_params(params, "dense")).eval()
-    return measure_cost_table(dense, settings["batch_size"], settings["fit_models"], settings["eval_models"],
-                              settings["runs"], settings["seed"], progress)
+    return measure_cost_table(
+        dense,
+        settings["batch_size"],
+        settings["fit_models"],
+        settings["eval_models"],
+        settings["runs"],
+        settings["seed"],
+        progress,
+    )
 
 
 def main(argv=None) -> dict:
     import yaml
 
     parser = argparse.ArgumentParser(description="Measure the per-unit latency table of the params.yaml model on this machine.")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="reports/tables/cost_table.json")
+    parser.add_argument("--params", default=str(PARAMS))
+    parser.add_argument("--out", default=str(REPORTS / "tables" / "cost_table.json"))
+    parser.add_argument("--samples", help="also write every timed model, measured and predicted, to this CSV")
     args = parser.parse_args(argv)
     with open(args.params) as f:
-        table, _ = cost_table_from_params(yaml.safe_load(f))
+        table, samples = cost_table_from_params(yaml.safe_load(f))
     write_cost_table(table, args.out)
+    if args.samples:
+        atomic_write(args.samples, lambda p: samples.to_csv(p, index=False))
     print(json.dumps({k: table[k] for k in ("coefficients", "fit", "evaluation")}, indent=2))
     return table
 

@@ -1,6 +1,6 @@
 """`PrunedViT`: a plain ViT with per-layer head counts, per-head value widths and FFN widths.
 
-No gates, no masks, no timm: it depends on torch and `arch.ViTSpec` only, so a saved model loads
+No gates, no masks, no timm: it depends on torch and `spec.ViTSpec` only, so a saved model loads
 without the training code. Parameter names follow timm's `VisionTransformer` (`patch_embed.proj`,
 `blocks.{i}.attn.qkv`, `blocks.{i}.mlp.fc1`, ...).
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .arch import LayerSpec, ViTSpec
+from .spec import LayerSpec, ViTSpec
 from .files import atomic_write
 
 FORMAT_VERSION = 1
@@ -166,6 +166,12 @@ class PrunedViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def count_params(spec: ViTSpec) -> int:
+    """Parameters of the plain model this spec describes (built on the meta device: no memory, no copy)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in PrunedViT(spec).parameters())
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> None:

@@ -1,15 +1,19 @@
-"""Exact MACs (DESIGN.md, "MACs"): every Linear/Conv plus the two attention matmuls; norms,
+"""Exact MACs (hiap_core/DESIGN.md, "MACs"): every Linear/Conv plus the two attention matmuls; norms,
 activations, softmax, biases and adds count 0. Batch size 1. The same linear cost structure also takes
 measured per-unit latencies (`load_cost_table`), so penalties and budgets work in either unit."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .arch import ViTSpec, describe
+from .describe import describe
+from .gated_vit import gated_blocks
+from .spec import ViTSpec
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,17 @@ class UnitCosts:
     gamma: float  # per live FFN neuron: fc1 row and fc2 column
     static: float  # patch embedding and classifier (MACs); everything else that does not shrink (latency)
     unit: str = "MACs"
+
+    @classmethod
+    def from_coefficients(cls, coefficients: dict, unit: str) -> UnitCosts:
+        """From a latency table's `coefficients` (`static`, `head`, `value_dim`, `neuron`)."""
+        return cls(
+            alpha=coefficients["head"],
+            beta=coefficients["value_dim"],
+            gamma=coefficients["neuron"],
+            static=coefficients["static"],
+            unit=unit,
+        )
 
 
 def unit_costs(spec: ViTSpec, attention_matmuls: bool = True) -> UnitCosts:
@@ -55,21 +70,21 @@ def dense_prunable_macs(spec: ViTSpec, attention_matmuls: bool = True) -> int:
 
 def load_cost_table(path, spec: ViTSpec) -> UnitCosts:
     """The per-unit latency costs measured by `hiap_core.latency` for this architecture (milliseconds)."""
-    import json
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"latency cost table {path} not found: measure one with "
-                                f"`python -m hiap_core.latency --out {path}` (or `dvc repro cost_table`)")
+        raise FileNotFoundError(
+            f"latency cost table {path} not found: measure one with "
+            f"`python -m hiap_core.measure.cost_table --out {path}` (or `dvc repro cost_table`)"
+        )
     table = json.loads(path.read_text())
     measured = ViTSpec.from_dict(table["spec"])
     if measured.dense() != spec.dense():
-        raise ValueError(f"latency cost table {path} was measured for another architecture "
-                         f"({measured.embed_dim}-dim, {len(measured.layers)} layers, {measured.num_tokens} tokens): "
-                         "measure one for this model")
-    c = table["coefficients"]
-    return UnitCosts(alpha=c["head"], beta=c["value_dim"], gamma=c["neuron"], static=c["static"], unit=table["unit"])
+        raise ValueError(
+            f"latency cost table {path} was measured for another architecture "
+            f"({measured.embed_dim}-dim, {len(measured.layers)} layers, {measured.num_tokens} tokens): "
+            "measure one for this model"
+        )
+    return UnitCosts.from_coefficients(table["coefficients"], table["unit"])
 
 
 def count_macs(model: nn.Module | ViTSpec, img_size=None, attention_matmuls: bool = True) -> int:
@@ -94,24 +109,27 @@ class ExpectedCost:
         return self.static + self.macro + self.micro
 
 
-def expected_cost(gated: nn.Module, costs: UnitCosts) -> ExpectedCost:
-    """`sum alpha p(g) + sum beta p(g) p(d) + sum gamma p(b) p(c)` plus static (DESIGN.md), for MACs or
-    latency unit costs alike.
+def expected_cost(gated: nn.Module, costs: UnitCosts, dense_prunable: float | None = None) -> ExpectedCost:
+    """`sum alpha p(g) + sum beta p(g) p(d) + sum gamma p(b) p(c)` plus static (hiap_core/DESIGN.md), for
+    MACs or latency unit costs alike. `dense_prunable` (fixed for a model) is computed when not given.
 
     Exactly the expectation of the linear cost `sum alpha g + beta g d + gamma b c`. The hard cost also
     removes a head whose gate is open but whose value dims are all closed, so
     E[hard] = expected - sum alpha p(g) prod_j (1 - p(d_j)): negligible unless a head is nearly empty.
     """
-    from .gated_vit import gated_blocks
-
     macro = micro = 0
     for attn, mlp in gated_blocks(gated):
         p_head = attn.head_gate.probs()
         p_value = attn.value_gate.probs().view(attn.num_heads, attn.head_dim)
         macro = macro + costs.alpha * p_head.sum()
-        micro = micro + costs.beta * (p_head * p_value.sum(dim=1)).sum() + costs.gamma * mlp.block_gate.probs()[0] * mlp.neuron_gate.probs().sum()
-    dense = spec_cost(describe(gated).dense(), costs)
-    return ExpectedCost(macro, micro, costs.static, dense - costs.static)
+        micro = (
+            micro
+            + costs.beta * (p_head * p_value.sum(dim=1)).sum()
+            + costs.gamma * mlp.block_gate.probs()[0] * mlp.neuron_gate.probs().sum()
+        )
+    if dense_prunable is None:
+        dense_prunable = spec_cost(describe(gated).dense(), costs) - costs.static
+    return ExpectedCost(macro, micro, costs.static, dense_prunable)
 
 
 def expected_macs(gated: nn.Module, attention_matmuls: bool = True) -> ExpectedCost:

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import ViTSpec, describe
 from .cost import UnitCosts, expected_cost, spec_cost
+from .describe import describe
+from .gated_vit import gated_blocks
+from .spec import ViTSpec
 
 
 @dataclass
@@ -81,22 +83,34 @@ def budget_step(controller: BudgetController, gated: nn.Module, costs: UnitCosts
     """One controller step after an optimizer step: returns the trajectory row (costs as fractions of dense)."""
     hardened = spec_cost(describe(gated), costs) / dense_cost
     with torch.no_grad():
-        expected = float(expected_cost(gated, costs).total) / dense_cost
+        expected = float(expected_cost(gated, costs, dense_cost - costs.static).total) / dense_cost
     weight = controller.hardened_weight(progress)
     steered = (1.0 - weight) * expected + weight * hardened
     scale = controller.update(steered, progress)
-    return {"progress": progress, "cost_fraction": hardened, "expected_fraction": expected, "steered_fraction": steered,
-            "target_fraction": controller.target_at(progress), "penalty_scale": scale}
+    return {
+        "progress": progress,
+        "cost_fraction": hardened,
+        "expected_fraction": expected,
+        "steered_fraction": steered,
+        "target_fraction": controller.target_at(progress),
+        "penalty_scale": scale,
+    }
 
 
-def finish_budget(controller: BudgetController, gated: nn.Module, costs: UnitCosts, dense_cost: float,
-                  tolerance: float, min_heads: float) -> dict:
+def finish_budget(
+    controller: BudgetController, gated: nn.Module, costs: UnitCosts, dense_cost: float, tolerance: float, min_heads: float
+) -> dict:
     """Round the trained gates to the target (`round_to_budget`); returns the run's budget metrics."""
     before = spec_cost(describe(gated), costs) / dense_cost
     flipped = round_to_budget(gated, costs, controller.target * dense_cost, tolerance, min_heads)
-    return {"unit": costs.unit, "target_fraction": controller.target, "cost_fraction_before_rounding": before,
-            "cost_fraction": spec_cost(describe(gated), costs) / dense_cost, "rounded_units": flipped,
-            "final_penalty_scale": controller.scale}
+    return {
+        "unit": costs.unit,
+        "target_fraction": controller.target,
+        "cost_fraction_before_rounding": before,
+        "cost_fraction": spec_cost(describe(gated), costs) / dense_cost,
+        "rounded_units": flipped,
+        "final_penalty_scale": controller.scale,
+    }
 
 
 def minimum_cost(spec: ViTSpec, costs: UnitCosts, min_heads: float, min_value_fraction: float) -> float:
@@ -105,6 +119,81 @@ def minimum_cost(spec: ViTSpec, costs: UnitCosts, min_heads: float, min_value_fr
     heads = math.ceil(min_heads)
     dims = max(1, math.ceil(min_value_fraction * spec.head_dim))
     return costs.static + len(spec.layers) * heads * (costs.alpha + costs.beta * dims)
+
+
+class InfeasibleBudget(ValueError):
+    """A cost target no model of this architecture can meet (above dense, or below the feasibility floor)."""
+
+
+def target_fraction(target: float, spec: ViTSpec, costs: UnitCosts, min_heads: float, min_value_fraction: float) -> float:
+    """`target` (a fraction of the dense cost if <= 1, else an absolute cost in `costs.unit`) as a fraction
+    of the dense cost; InfeasibleBudget when no model can meet it (so it fails before training, not after)."""
+    dense = spec_cost(spec.dense(), costs)
+    if not target > 0:
+        raise InfeasibleBudget("must be > 0: a fraction of the dense cost (<= 1) or an absolute cost (> 1)")
+    fraction = target if target <= 1 else target / dense
+    if fraction > 1:
+        raise InfeasibleBudget(f"above the dense model's {dense:,.0f} {costs.unit}; a budget must be at most the dense cost")
+    floor = minimum_cost(spec.dense(), costs, min_heads, min_value_fraction) / dense
+    if fraction < floor:
+        raise InfeasibleBudget(
+            f"{fraction:.4g} of dense is below {floor:.4g}, the smallest model the feasibility minimums allow "
+            "(min_heads heads x min_value_fraction value dims per layer, no FFN): raise the target or "
+            "lower those minimums"
+        )
+    return fraction
+
+
+def _open_dims(attn) -> torch.Tensor:
+    """Open value dims per head (hardened)."""
+    return attn.value_gate.hard().view(attn.num_heads, attn.head_dim).sum(dim=1)
+
+
+def _micro_units(blocks: list, costs: UnitCosts, closing: bool) -> list:
+    """(confidence, [(gate, index)], cost) of value dims and neurons that may flip in live structures."""
+    units = []
+
+    def add(gate: nn.Module, logits, offset: int, unit_cost: float) -> None:
+        is_open = logits > 0
+        if not is_open.any():
+            return
+        keep = int(logits.argmax())  # closing never empties a head or an FFN
+        units.extend(
+            (abs(float(logits[i])), [(gate, offset + i)], unit_cost)
+            for i in range(len(logits))
+            if bool(is_open[i]) == closing and not (closing and i == keep)
+        )
+
+    for attn, mlp in blocks:
+        values = attn.value_gate.logits.detach().view(attn.num_heads, attn.head_dim)
+        for h in map(int, attn.head_gate.hard().nonzero()):
+            add(attn.value_gate, values[h], h * attn.head_dim, costs.beta)
+        if mlp.block_gate.hard()[0]:
+            add(mlp.neuron_gate, mlp.neuron_gate.logits.detach(), 0, costs.gamma)
+    return units
+
+
+def _head_units(blocks: list, costs: UnitCosts, closing: bool, min_heads: float) -> list:
+    """(confidence, [(gate, index)], cost) of whole heads that may flip: over budget each layer keeps its
+    `ceil(min_heads)` most confident live heads; a reopened head brings back a value dim if it has none."""
+    units = []
+    for attn, _ in blocks:
+        logits, dims = attn.head_gate.logits.detach(), _open_dims(attn)
+        alive = attn.head_gate.hard() & (dims > 0)  # an open head without value dims costs nothing already
+        if closing:
+            live = sorted(map(int, alive.nonzero()), key=lambda h: -float(logits[h]))
+            units.extend(
+                (abs(float(logits[h])), [(attn.head_gate, h)], costs.alpha + costs.beta * int(dims[h]))
+                for h in live[max(1, math.ceil(min_heads)) :]
+            )
+        else:
+            values = attn.value_gate.logits.detach().view(attn.num_heads, attn.head_dim)
+            for h in map(int, (~alive).nonzero()):
+                flips = [(attn.head_gate, h)] if not attn.head_gate.hard()[h] else []
+                if dims[h] == 0:  # bring back its most confident value dim
+                    flips.append((attn.value_gate, h * attn.head_dim + int(values[h].argmax())))
+                units.append((abs(float(logits[h])), flips, costs.alpha + costs.beta * max(int(dims[h]), 1)))
+    return units
 
 
 def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance: float, min_heads: float = 1) -> int:
@@ -116,52 +205,9 @@ def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance
     reopened head brings back its open value dims (or its most confident one). Every live head and FFN
     keeps a unit, so the cost stays the linear sum the controller steered, and the result lands within
     one value dim or neuron of the target unless every unit in that direction is spent."""
-    from .gated_vit import gated_blocks
-
     blocks = gated_blocks(gated)
     cost = spec_cost(describe(gated), costs)
     flipped = 0
-
-    def open_dims(attn) -> torch.Tensor:
-        return attn.value_gate.hard().view(attn.num_heads, attn.head_dim).sum(dim=1)
-
-    def micro_units(closing: bool) -> list:
-        """(confidence, [(gate, index, new logit)], cost) of value dims and neurons that may flip in live structures."""
-        units = []
-
-        def add(gate: nn.Module, logits, offset: int, unit_cost: float) -> None:
-            is_open = logits > 0
-            if not is_open.any():
-                return
-            keep = int(logits.argmax())  # closing never empties a head or an FFN
-            units.extend((abs(float(logits[i])), [(gate, offset + i)], unit_cost)
-                         for i in range(len(logits)) if bool(is_open[i]) == closing and not (closing and i == keep))
-
-        for attn, mlp in blocks:
-            values = attn.value_gate.logits.detach().view(attn.num_heads, attn.head_dim)
-            for h in map(int, attn.head_gate.hard().nonzero()):
-                add(attn.value_gate, values[h], h * attn.head_dim, costs.beta)
-            if mlp.block_gate.hard()[0]:
-                add(mlp.neuron_gate, mlp.neuron_gate.logits.detach(), 0, costs.gamma)
-        return units
-
-    def heads(closing: bool) -> list:
-        units = []
-        for attn, _ in blocks:
-            logits, dims = attn.head_gate.logits.detach(), open_dims(attn)
-            alive = attn.head_gate.hard() & (dims > 0)  # an open head without value dims costs nothing already
-            if closing:
-                live = sorted(map(int, alive.nonzero()), key=lambda h: -float(logits[h]))
-                units.extend((abs(float(logits[h])), [(attn.head_gate, h)], costs.alpha + costs.beta * int(dims[h]))
-                             for h in live[max(1, math.ceil(min_heads)):])
-            else:
-                values = attn.value_gate.logits.detach().view(attn.num_heads, attn.head_dim)
-                for h in map(int, (~alive).nonzero()):
-                    flips = [(attn.head_gate, h)] if not attn.head_gate.hard()[h] else []
-                    if dims[h] == 0:  # bring back its most confident value dim
-                        flips.append((attn.value_gate, h * attn.head_dim + int(values[h].argmax())))
-                    units.append((abs(float(logits[h])), flips, costs.alpha + costs.beta * max(int(dims[h]), 1)))
-        return units
 
     def flip(units: list, closing: bool) -> None:
         nonlocal cost, flipped
@@ -178,9 +224,9 @@ def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance
 
     closing = cost > target
     if not within():
-        flip(micro_units(closing), closing)
+        flip(_micro_units(blocks, costs, closing), closing)
     if not within() and (cost > target) == closing:  # the fine steps ran out: whole heads, then fine steps back
-        flip(heads(closing), closing)
+        flip(_head_units(blocks, costs, closing, min_heads), closing)
         if not within():
-            flip(micro_units(cost > target), cost > target)
+            flip(_micro_units(blocks, costs, cost > target), cost > target)
     return flipped

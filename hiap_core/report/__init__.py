@@ -1,0 +1,44 @@
+"""The study layer, part 3: what the report notebooks show. Tables (`tables`), figures (`figures`),
+latency of the extracted models (`latency`) and the ImageNet part (`imagenet`); the notebooks use the
+names re-exported here (`from hiap_core import report`). Built on the core, `train` and `measure`."""
+
+from ..train.paths import PROJECT_ROOT, REPORTS, RUNS
+from ..train.runs import run_metrics
+from .figures import (
+    architecture_plot,
+    budget_trajectory_plot,
+    cost_table_plot,
+    gate_heatmaps,
+    latency_plot,
+    macs_trajectory_plot,
+    pareto_plot,
+    save_figure,
+    temperature_plot,
+)
+from .latency import latency_table, latency_vs_macs_target, load_models, onnx_runtimes
+from .tables import PAPER_TABLE2, PAPER_TABLE3, budget_table, results_table, write_table
+
+__all__ = [
+    "PAPER_TABLE2",
+    "PAPER_TABLE3",
+    "PROJECT_ROOT",
+    "REPORTS",
+    "RUNS",
+    "architecture_plot",
+    "budget_table",
+    "budget_trajectory_plot",
+    "cost_table_plot",
+    "gate_heatmaps",
+    "latency_plot",
+    "latency_table",
+    "latency_vs_macs_target",
+    "load_models",
+    "macs_trajectory_plot",
+    "onnx_runtimes",
+    "pareto_plot",
+    "results_table",
+    "run_metrics",
+    "save_figure",
+    "temperature_plot",
+    "write_table",
+]

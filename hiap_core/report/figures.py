@@ -1,0 +1,153 @@
+"""The study's figures (matplotlib and seaborn); `save_figure` writes one to `reports/figures/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from ..core.files import atomic_write  # noqa: E402
+from ..core.losses import temperature_at  # noqa: E402
+from ..core.spec import ViTSpec  # noqa: E402
+from ..train.paths import REPORTS, RUNS  # noqa: E402
+
+
+def save_figure(fig, name: str) -> Path:
+    path = atomic_write(REPORTS / "figures" / f"{name}.png", lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
+    return path
+
+
+def gate_heatmaps(gates: pd.DataFrame, spec: ViTSpec, title: str):
+    """Heads, value dims and FFN neurons remaining per layer (rows) over epochs (columns); darker = more kept."""
+    panels = (
+        ("heads", spec.num_heads, "heads"),
+        ("value_dims_total", spec.num_heads * spec.head_dim, "value dims"),
+        ("neurons", spec.mlp_hidden_dense, "FFN neurons"),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(spec.layers) + 2))
+    for ax, (column, full, label) in zip(axes, panels):
+        grid = gates.pivot(index="layer", columns="epoch", values=column)
+        sns.heatmap(
+            grid / full, ax=ax, vmin=0, vmax=1, cmap="Blues", annot=grid, fmt="g", cbar=ax is axes[-1], annot_kws={"fontsize": 7}
+        )
+        ax.set_title(f"{label} remaining (of {full})")
+        ax.set_xlabel("epoch")
+    fig.suptitle(title, y=1.04)
+    return fig
+
+
+def pareto_plot(table: pd.DataFrame):
+    """Accuracy vs MACs of every run of the study; HiAP runs labelled by name."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    sns.scatterplot(data=table, x="macs_M", y="accuracy_pct", hue="method", style="method", s=90, ax=ax)
+    for _, row in table.iterrows():
+        ax.annotate(row["run"], (row["macs_M"], row["accuracy_pct"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("MACs per image (M)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs MACs, all runs")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def temperature_plot(tau0: float, tau_min: float, history: pd.DataFrame):
+    """The schedule per step, with the temperature each epoch of a run ended at."""
+    steps_per_epoch = int(history["steps_per_epoch"].iloc[0])
+    total = int(history["epoch"].max()) * steps_per_epoch
+    steps = list(range(total + 1))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s / steps_per_epoch for s in steps], [temperature_at(s, total, tau0, tau_min) for s in steps], label="schedule")
+    ax.plot(history["epoch"], history["tau"], "o", label="run (end of epoch)")
+    ax.legend()
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Gumbel-Sigmoid temperature")
+    ax.set_title(f"Exponential annealing {tau0} -> {tau_min}")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def macs_trajectory_plot(history: pd.DataFrame, dense_macs: int):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(history["epoch"], history["expected_macs"] / dense_macs, marker="o", label="expected (soft gates)")
+    ax.plot(history["epoch"], history["hard_macs"] / dense_macs, marker="s", label="hard (hardened gates)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("fraction of dense MACs")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def architecture_plot(spec: ViTSpec, title: str):
+    """The final architecture per layer: each live head as a bar of its value width, FFN neurons beside."""
+    fig, (ax_attn, ax_ffn) = plt.subplots(1, 2, figsize=(11, 0.5 * len(spec.layers) + 1.5), sharey=True)
+    for i, layer in enumerate(spec.layers):
+        left = 0
+        for head, width in sorted(zip(layer.heads, layer.value_dims)):
+            ax_attn.barh(i, width, left=left, color=plt.cm.tab10(head % 10), edgecolor="white")
+            ax_attn.text(left + width / 2, i, f"h{head}:{width}", ha="center", va="center", fontsize=7)
+            left += width
+        hidden = layer.mlp_hidden
+        ax_ffn.barh(i, hidden or 0, color="tab:gray" if hidden is not None else "white")
+        ax_ffn.text((hidden or 0) + 5, i, "removed" if hidden is None else str(hidden), va="center", fontsize=8)
+    ax_attn.set_xlim(0, spec.num_heads * spec.head_dim)
+    ax_ffn.set_xlim(0, spec.mlp_hidden_dense * 1.15)
+    ax_attn.set_yticks(range(len(spec.layers)))
+    ax_attn.set_yticklabels([f"layer {i}" for i in range(len(spec.layers))])
+    ax_attn.invert_yaxis()
+    ax_attn.set_xlabel("value dims of live heads (of %d)" % (spec.num_heads * spec.head_dim))
+    ax_ffn.set_xlabel(f"FFN neurons (of {spec.mlp_hidden_dense})")
+    fig.suptitle(title)
+    return fig
+
+
+def budget_trajectory_plot(names: list[str]):
+    """Per step of each budget-exact run: hardened cost vs the moving target (top) and the adapted lambdas (bottom)."""
+    fig, (ax_cost, ax_lambda) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for i, name in enumerate(names):
+        trajectory = pd.read_csv(RUNS / name / "budget.csv")
+        color = plt.cm.tab10(i)
+        ax_cost.plot(trajectory["progress"], trajectory["cost_fraction"], color=color, label=f"{name}: hardened cost")
+        ax_cost.plot(trajectory["progress"], trajectory["target_fraction"], color=color, ls="--", lw=1, label=f"{name}: target")
+        ax_lambda.plot(trajectory["progress"], trajectory["lambda_macro"], color=color, label=f"{name}: lambda_macro")
+        ax_lambda.plot(trajectory["progress"], trajectory["lambda_micro"], color=color, ls=":", label=f"{name}: lambda_micro")
+    ax_cost.set_ylabel("fraction of dense cost")
+    ax_cost.set_title("Budget-exact mode: dual ascent on the penalty scale")
+    ax_lambda.set_yscale("log")
+    ax_lambda.set_ylabel("penalty weight")
+    ax_lambda.set_xlabel("fraction of training")
+    for ax in (ax_cost, ax_lambda):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def cost_table_plot(samples: pd.DataFrame, table: dict):
+    """Measured vs predicted latency of every timed model: the fit set and the held-out random extracted models."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    sns.scatterplot(data=samples, x="ms", y="predicted_ms", hue="role", style="role", s=50, ax=ax)
+    lo, hi = samples[["ms", "predicted_ms"]].min().min(), samples[["ms", "predicted_ms"]].max().max()
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--")
+    held_out = table["evaluation"]
+    ax.set_title(
+        f"Linear latency model, batch {table['batch_size']}: held-out R^2 {held_out['r2']:.3f}, "
+        f"max error {100 * held_out['max_relative_error']:.1f}%",
+        fontsize=9,
+    )
+    ax.set_xlabel("measured (ms)")
+    ax.set_ylabel("predicted (ms)")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def latency_plot(table: pd.DataFrame):
+    long = table.melt(id_vars=["run", "batch"], value_vars=["speedup", "mac_ratio"], var_name="measure", value_name="x")
+    grid = sns.catplot(data=long, x="run", y="x", hue="measure", col="batch", kind="bar", height=3.8, aspect=1.4, sharey=False)
+    grid.set_xticklabels(rotation=30, ha="right")
+    grid.set_axis_labels("", "x faster than dense")
+    grid.figure.suptitle("Measured speedup vs MACs ratio (CPU, 2 threads)", y=1.04)
+    return grid.figure

@@ -1,0 +1,99 @@
+"""The study's tables: the paper's own numbers, one row per run, the budget-exact comparison; each written
+as CSV and markdown to `reports/tables/`."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ..core.files import atomic_write
+from ..train.paths import REPORTS
+from ..train.runs import run_metrics
+
+# The paper's own numbers (DESIGN.md, "Paper facts"): CIFAR-10 ViT-Tiny, Table 3.
+PAPER_TABLE3 = pd.DataFrame(
+    [
+        ("Dense", "-", 174.0, 0.0, 90.50),
+        ("Uniform-Ratio", "moderate", 116.6, 33.0, 86.63),
+        ("L1-Structured (FFN)", "moderate", 116.5, 33.0, 87.15),
+        ("HiAP", "moderate", 116.3, 33.1, 87.56),
+        ("L1-Structured (FFN)", "aggressive", 87.3, 49.8, 86.80),
+        ("HiAP", "aggressive", 87.1, 49.9, 87.25),
+    ],
+    columns=["method", "budget", "macs_M", "reduction_pct", "accuracy_pct"],
+)
+# ImageNet DeiT-S, Table 2: params (M), FLOPs (G), top-1 (%).
+PAPER_TABLE2 = pd.DataFrame(
+    [
+        ("Dense Baseline", 22.1, 4.6, 79.85),
+        ("WDPruning", 15.0, 3.1, 78.55),
+        ("WDPruning", 13.3, 2.6, 78.38),
+        ("S2ViT", 15.3, 3.1, 79.22),
+        ("S2ViT", 13.5, 2.8, 78.44),
+        ("ViT-Slim", 15.6, 3.1, 79.90),
+        ("ViT-Slim", 13.5, 2.8, 79.50),
+        ("GOHSP", 14.4, 3.0, 79.98),
+        ("GOHSP", 11.1, 2.8, 79.86),
+        ("HiAP (paper)", 15.0, 3.1, 79.10),
+        ("HiAP (paper)", 12.3, 2.5, 77.95),
+    ],
+    columns=["method", "params_M", "flops_G", "top1_pct"],
+)
+METHOD_LABELS = {"dense": "Dense", "uniform": "Uniform-Ratio", "l1_ffn": "L1-Structured (FFN)", "hiap": "HiAP"}
+
+
+def results_table(names: list[str]) -> pd.DataFrame:
+    """One row per run: method, MACs (both conventions, millions), reduction, params, accuracy."""
+    rows = []
+    for name in names:
+        m = run_metrics(name)
+        rows.append(
+            {
+                "run": name,
+                "method": METHOD_LABELS[m["method"]],
+                "macs_M": m["macs"] / 1e6,
+                "macs_no_attn_matmul_M": m["macs_no_attn_matmul"] / 1e6,
+                "reduction_pct": m["reduction_pct"],
+                "params_M": m["params"] / 1e6,
+                "accuracy_pct": 100 * m["test_acc"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def write_table(table: pd.DataFrame, name: str, floatfmt: str = ".2f", csv: bool = True) -> None:
+    """`reports/tables/<name>.md` and (with `csv`) `<name>.csv`."""
+    if csv:
+        atomic_write(REPORTS / "tables" / f"{name}.csv", lambda p: table.to_csv(p, index=False))
+    atomic_write(
+        REPORTS / "tables" / f"{name}.md", lambda p: p.write_text(table.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    )
+
+
+def budget_table(targets: dict[str, float], hand_tuned: dict[str, str], hiap: dict, budgets: dict) -> pd.DataFrame:
+    """Each budget-exact run (`budget_<key>`) against its target, beside the hand-tuned lambda run
+    `hiap_<hand_tuned[key]>` of `budgets` (the paper's way to reach about the same MACs)."""
+    rows = []
+    for key, target in targets.items():
+        lambdas = {f"budget_{key}": (hiap["lambda_macro"], hiap["lambda_micro"])}
+        tuned = budgets[hand_tuned[key]]
+        lambdas[f"hiap_{hand_tuned[key]}"] = (tuned["lambda_macro"], tuned["lambda_micro"])
+        for name, (lambda_macro, lambda_micro) in lambdas.items():
+            m = run_metrics(name)
+            budget = m.get("budget", {})
+            scale = budget.get("final_penalty_scale", 1.0)
+            rows.append(
+                {
+                    "target": key,
+                    "run": name,
+                    "mode": "budget-exact" if budget else "hand-tuned lambdas",
+                    "target_fraction": target,
+                    "macs_fraction": m["macs_fraction"],
+                    "error_pct": 100 * (m["macs_fraction"] / target - 1),
+                    "before_rounding_fraction": budget.get("cost_fraction_before_rounding", float("nan")),
+                    "rounded_units": budget.get("rounded_units", float("nan")),
+                    "final_lambda_macro": scale * lambda_macro,
+                    "final_lambda_micro": scale * lambda_micro,
+                    "accuracy_pct": 100 * m["test_acc"],
+                }
+            )
+    return pd.DataFrame(rows)

@@ -1,0 +1,37 @@
+"""`python -m hiap_core.train --method {dense,hiap,uniform,l1_ffn} --out FOLDER [--set field=value ...]`
+(resumable; `torchrun --nproc_per_node=N -m hiap_core.train ...` for DDP)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .config import ConfigError, config_from_params
+from .data import DatasetError
+from .engine import TrainingDiverged, train
+from .paths import PARAMS
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Train a dense, HiAP or baseline ViT (resumable; torchrun for DDP).")
+    parser.add_argument("--params", default=str(PARAMS), help="params file (default: the project's params.yaml)")
+    parser.add_argument("--method", required=True, help="dense | hiap | uniform | l1_ffn")
+    parser.add_argument("--out", required=True, help="run folder (checkpoint, reports, model/)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="overrides, e.g. hiap.lambda_macro=4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_params(args.params, args.method, [f"out={args.out}", *args.set])
+        train(cfg)
+    except (ConfigError, DatasetError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""One training engine for dense, HiAP and baseline runs; resumable, DDP-ready.
+
+    python -m hiap_core.train --params params.yaml --method hiap --out runs/hiap --set hiap.lambda_macro=4
+    torchrun --nproc_per_node=2 -m hiap_core.train ...   (gloo on CPU, nccl on GPU)
+
+Writes into `--out`: `checkpoint.pt` (every epoch, atomic; rerunning the same command resumes),
+`history.csv` (per epoch: accuracy, loss terms, temperature, expected and hard MACs), `gates.csv` (tidy
+gate state per epoch and layer), `budget.csv` (budget-exact mode: penalty scale, target and hardened
+cost per step), `metrics.json` (final, for `dvc metrics show`) and `model/` (the extracted model,
+`load_pruned`-able). HiAP itself is `hiap_core.Pruner`; this engine adds data, teacher, schedule,
+evaluation, checkpoints and reports around it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..core.baselines import prune_to_target
+from ..core.budget import InfeasibleBudget
+from ..core.cost import UnitCosts, count_macs, expected_macs, load_cost_table, unit_costs
+from ..core.describe import describe
+from ..core.extract import extract, structure_summary
+from ..core.files import atomic_write
+from ..core.gated_vit import gate_vit
+from ..core.losses import kd_loss
+from ..core.pruned import load_pruned, save_pruned
+from ..core.pruner import Pruner, param_groups
+from .config import ConfigError, RunConfig
+from .data import build_loaders
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def setup_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def build_dense_model(cfg: RunConfig) -> nn.Module:
+    """The dense timm ViT of the config: random init, or `model.pretrained` (a checkpoint file or "hub")."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    m = cfg.model
+    if m.name == "custom":
+        model = VisionTransformer(
+            img_size=m.img_size,
+            patch_size=m.patch_size,
+            in_chans=m.in_chans,
+            num_classes=m.num_classes,
+            embed_dim=m.embed_dim,
+            depth=m.depth,
+            num_heads=m.num_heads,
+            mlp_ratio=m.mlp_ratio,
+            drop_path_rate=m.drop_path,
+        )
+    else:
+        hub = m.pretrained == "hub"
+        try:
+            model = timm.create_model(
+                m.name, pretrained=hub, num_classes=m.num_classes, drop_path_rate=m.drop_path, img_size=m.img_size
+            )
+        except Exception as err:
+            if not hub:
+                raise
+            raise ConfigError(
+                f"model.pretrained = 'hub': could not download {m.name} weights ({type(err).__name__}); offline, "
+                "set model.pretrained to a local checkpoint file"
+            ) from err
+    if m.pretrained and m.pretrained != "hub":
+        path = Path(m.pretrained)
+        if not path.is_file():
+            raise ConfigError(
+                f"model.pretrained = {m.pretrained!r}: file not found. Download the {m.name} weights "
+                "(timm checkpoint, .pth or .safetensors) and point model.pretrained at them"
+            )
+        timm.models.load_checkpoint(model, str(path), strict=True)
+    return model
+
+
+def load_teacher(cfg: RunConfig) -> nn.Module:
+    """The dense teacher: the dense run's saved model, or the pretrained checkpoint."""
+    if cfg.teacher is None:
+        return build_dense_model(cfg).eval()
+    folder = Path(cfg.teacher) / "model"
+    if not folder.is_dir():
+        raise ConfigError(f"teacher = {cfg.teacher!r}: {folder} not found; run the dense stage first (method dense)")
+    return load_pruned(folder)
+
+
+def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
+    """The model a run trains: dense (random init), HiAP's student (the teacher's weights, not yet gated),
+    or a baseline cut from the teacher and extracted."""
+    if cfg.method == "dense":
+        return build_dense_model(cfg)
+    dense = build_dense_model(cfg) if cfg.teacher is not None else copy.deepcopy(teacher)
+    if cfg.teacher is not None:
+        try:
+            dense.load_state_dict(teacher.state_dict())
+        except RuntimeError as err:
+            raise ConfigError(f"teacher = {cfg.teacher!r} does not match the model config: {str(err).splitlines()[0]}") from err
+    if cfg.method == "hiap":
+        return dense
+    return prune_to_target(dense.eval(), cfg.method, cfg.target_macs)
+
+
+def cost_model(cfg: RunConfig, spec) -> UnitCosts:
+    """The unit costs the penalties use: MACs, or the measured latency table (`hiap.cost`)."""
+    if cfg.hiap.cost == "macs":
+        return unit_costs(spec)
+    try:
+        return load_cost_table(cfg.hiap.cost_table, spec)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise ConfigError(f"invalid config: hiap.cost_table = {cfg.hiap.cost_table!r}: {err}") from err
+
+
+def make_pruner(cfg: RunConfig, model: nn.Module, total_steps: int) -> Pruner:
+    """The run's `Pruner` from the `hiap` settings (gates `model` in place); a budget no model can meet is
+    refused here, before training, naming the field."""
+    h = cfg.hiap
+    costs = cost_model(cfg, describe(model))
+    field, target = ("hiap.target_latency", h.target_latency) if h.cost == "latency" else ("target_macs", cfg.target_macs)
+    try:
+        return Pruner(
+            model,
+            total_steps,
+            lambda_macro=h.lambda_macro,
+            lambda_micro=h.lambda_micro,
+            lambda_feas=h.lambda_feas,
+            tau0=h.tau0,
+            tau_min=h.tau_min,
+            init_logit=h.init_logit,
+            min_heads=h.min_heads,
+            min_value_fraction=h.min_value_fraction,
+            min_neuron_fraction=h.min_neuron_fraction,
+            costs=costs,
+            target=target,
+            budget_lr=h.budget_lr,
+            budget_gain=h.budget_gain,
+            budget_ramp=h.budget_ramp,
+            budget_tolerance=h.budget_tolerance,
+        )
+    except InfeasibleBudget as err:
+        raise ConfigError(f"invalid config: {field} = {target!r}: {err}") from err
+
+
+def step_loss(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: RunConfig,
+    teacher: nn.Module | None = None,
+    pruner: Pruner | None = None,
+) -> dict[str, torch.Tensor]:
+    """The loss of one batch under `loss`, with its terms: cross-entropy without a teacher (dense), KD from
+    the teacher (baselines), KD plus HiAP's penalties with a pruner."""
+    logits = net(x)
+    if teacher is None:
+        task = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+        return {"loss": task, "task": task}
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    task = kd_loss(logits, teacher_logits, y, cfg.hiap.kd_alpha, cfg.hiap.kd_temperature, cfg.optim.label_smoothing)
+    return pruner.loss(task) if pruner is not None else {"loss": task, "task": task}
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + 0.5 * (1 - min_ratio) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, dist: Dist) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) over the whole test set (summed over ranks)."""
+    was_training = model.training
+    model.eval()
+    correct = loss = count = 0.0
+    for x, y in loader:
+        x, y = x.to(dist.device), y.to(dist.device)
+        logits = model(x)
+        correct += float((logits.argmax(dim=1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        count += len(y)
+    model.train(was_training)
+    correct, loss, count = dist.all_sum([correct, loss, count])
+    return correct / count, loss / count
+
+
+def _write_reports(out: Path, history: list[dict], gate_rows: list[dict], budget_rows: list[dict]) -> None:
+    atomic_write(out / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
+    if gate_rows:
+        atomic_write(out / "gates.csv", lambda p: pd.DataFrame(gate_rows).to_csv(p, index=False))
+    if budget_rows:
+        atomic_write(out / "budget.csv", lambda p: pd.DataFrame(budget_rows).to_csv(p, index=False))
+
+
+def gate_rows_for(model: nn.Module, epoch: int) -> list[dict]:
+    table = structure_summary(model).iloc[:-1]
+    rows = table.drop(columns=["macs", "macs_no_attn_matmul", "params"]).to_dict("records")
+    for row in rows:
+        row["epoch"] = epoch
+        row["value_dims"] = " ".join(map(str, row["value_dims"]))
+    return rows
+
+
+class Trainer:
+    """One run: `run()` prepares, resumes, trains epoch by epoch (checkpointing each) and finishes."""
+
+    def __init__(self, cfg: RunConfig, dist: Dist | None = None, restart_on_config_change: bool = False):
+        """`restart_on_config_change`: a checkpoint written with another config is discarded (pipelines whose
+        params changed) instead of refused (a mistyped --out)."""
+        self.cfg = cfg.validate()
+        self.restart_on_config_change = restart_on_config_change
+        self.dist = dist or setup_distributed()
+        self.out = Path(cfg.out)
+        self.checkpoint = self.out / "checkpoint.pt"
+        self.show = cfg.progress and self.dist.main and not os.environ.get("CI")
+        self.pruner: Pruner | None = None
+        self.history: list[dict] = []
+        self.gate_rows: list[dict] = []
+
+    def _log(self, message: str) -> None:
+        if self.dist.main:
+            print(message, flush=True)
+
+    def run(self) -> dict:
+        self._prepare()
+        start = self._resume()
+        self.net = self.model
+        if self.dist.world > 1:  # after the resume: DDP broadcasts rank 0's weights when it wraps the model
+            device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for epoch in range(start, self.cfg.optim.epochs):
+            sums, train_time = self._train_epoch(epoch)
+            self._end_epoch(epoch, sums, train_time)
+            self._save_checkpoint(epoch)
+        return self._finish()
+
+    def _prepare(self) -> None:
+        """Data, teacher, model (gated by the pruner for HiAP), optimizer and schedule lengths."""
+        cfg, dist = self.cfg, self.dist
+        torch.manual_seed(cfg.seed)
+        self.train_loader, self.test_loader, num_classes = build_loaders(
+            cfg.data, cfg.model.img_size, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world
+        )
+        if num_classes != cfg.model.num_classes:
+            raise ConfigError(
+                f"invalid config: model.num_classes = {cfg.model.num_classes}, but {cfg.data.dataset} has {num_classes} classes"
+            )
+        self.teacher = None if cfg.method == "dense" else load_teacher(cfg).to(dist.device).eval()
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, self.teacher)
+        if cfg.method == "hiap":
+            self.pruner = make_pruner(cfg, model, self.total_steps)
+        self.model = model.to(dist.device)
+        groups = param_groups(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.gate_lr)
+        for group in groups:
+            group["base_lr"] = group["lr"]  # the schedule scales each group's own rate
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+
+    def _resume(self) -> int:
+        """Load the checkpoint of this config, if any; returns the first epoch to train."""
+        state = (
+            torch.load(self.checkpoint, map_location=self.dist.device, weights_only=False) if self.checkpoint.is_file() else None
+        )
+        if state is not None:
+            saved = {k: v for k, v in state["config"].items() if k not in ("out", "progress")}
+            now = {k: v for k, v in self.cfg.to_dict().items() if k not in ("out", "progress")}
+            changed = sorted(k for k in now if saved.get(k) != now[k])
+            if changed and not self.restart_on_config_change:
+                raise ConfigError(
+                    f"{self.checkpoint} was written with a different config ({', '.join(changed)}): "
+                    "use another --out or delete the folder to start over"
+                )
+            if changed:
+                self._log(f"{self.checkpoint} has another config ({', '.join(changed)}): starting over")
+                state = None
+        if state is None:
+            if self.pruner is not None and self.dist.main:
+                self.gate_rows = gate_rows_for(self.model, 0)
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history, self.gate_rows = state["history"], state["gate_rows"]
+        if self.pruner is not None:
+            self.pruner.load_state_dict(state)
+        self._log(f"resuming {self.out} at epoch {state['epoch']}/{self.cfg.optim.epochs}")
+        return state["epoch"]
+
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
+        """One pass over the training data; returns the summed loss terms and the wall time."""
+        cfg, pruner = self.cfg, self.pruner
+        start = time.perf_counter()
+        self.train_loader.set_epoch(epoch)
+        self.net.train()
+        sums: dict[str, float] = {}
+        batches = tqdm(
+            self.train_loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.optim.epochs}", disable=not self.show, leave=False
+        )
+        for i, (x, y) in enumerate(batches):
+            step = epoch * self.steps_per_epoch + i
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # gate noise and dropout: same on every rank, resumable
+            factor = lr_factor(step, self.total_steps, self.warmup, cfg.optim.min_lr / cfg.optim.lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            if pruner is not None:
+                pruner.set_step(step)
+            x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
+            terms = step_loss(self.net, x, y, cfg, self.teacher, pruner)
+            self._check_finite(terms, epoch, i)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            if pruner is not None:
+                pruner.after_step(step)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if self.show:
+                batches.set_postfix(loss=f"{float(terms['loss']):.3f}")
+        return sums, time.perf_counter() - start
+
+    def _check_finite(self, terms: dict[str, torch.Tensor], epoch: int, batch: int) -> None:
+        if torch.isfinite(terms["loss"]):
+            return
+        kept = (
+            f"the last good checkpoint {self.checkpoint} is kept"
+            if self.checkpoint.is_file()
+            else "no checkpoint was written yet"
+        )
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        raise TrainingDiverged(
+            f"non-finite loss at epoch {epoch + 1}, step {batch} ({values}); {kept}. Lower optim.lr or the lambdas."
+        )
+
+    def _end_epoch(self, epoch: int, sums: dict[str, float], train_time: float) -> None:
+        """Evaluate, append the history row (and the gate state), log one line."""
+        cfg, pruner = self.cfg, self.pruner
+        acc, test_loss = evaluate(self.model, self.test_loader, self.dist)
+        row = {
+            "epoch": epoch + 1,
+            **{f"train_{k}": v / self.steps_per_epoch for k, v in sums.items()},
+            "test_acc": acc,
+            "test_loss": test_loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "steps_per_epoch": self.steps_per_epoch,
+            "epoch_time_s": train_time,
+            "train_images_per_s": self.steps_per_epoch * cfg.optim.batch_size / train_time,
+        }
+        gated = ""
+        if pruner is not None:
+            row.update(
+                tau=pruner.tau,
+                expected_macs=float(expected_macs(self.model).total.detach()),
+                hard_macs=count_macs(self.model),
+                penalty_scale=pruner.penalty_scale,
+            )
+            self.gate_rows = self.gate_rows + gate_rows_for(self.model, epoch + 1)
+            gated = f" tau {pruner.tau:.3f} MACs {row['hard_macs'] / 1e6:.1f}M"
+        self.history = self.history + [row]
+        progress = f"[{cfg.method}] epoch {epoch + 1}/{cfg.optim.epochs}"
+        self._log(f"{progress} loss {row['train_loss']:.4f} acc {acc:.4f}{gated} ({train_time:.0f}s)")
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        if not self.dist.main:
+            return
+        state = {
+            "epoch": epoch + 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "gate_rows": self.gate_rows,
+            "config": self.cfg.to_dict(),
+            "rng": torch.get_rng_state(),
+        }
+        if self.pruner is not None:
+            state.update(self.pruner.state_dict())
+        atomic_write(self.checkpoint, lambda p: torch.save(state, p))
+        budget_rows = self.pruner.budget_rows if self.pruner is not None else []
+        _write_reports(self.out, self.history, self.gate_rows, budget_rows)
+
+    def _finish(self) -> dict:
+        """Extract (HiAP), evaluate the final plain model, save it, write metrics.json. Idempotent."""
+        cfg = self.cfg
+        self.model.eval()
+        if self.pruner is not None:
+            final = self.pruner.finish()
+        elif cfg.method == "dense":
+            final = extract(gate_vit(copy.deepcopy(self.model)))  # the same weights as a plain PrunedViT
+        else:
+            final = self.model
+        acc, test_loss = evaluate(final, self.test_loader, self.dist)
+        metrics = final_metrics(cfg, final, acc, test_loss, self.history)
+        if self.pruner is not None and self.pruner.rounding:
+            metrics["budget"] = {"cost": cfg.hiap.cost, **self.pruner.rounding}
+        if self.dist.main:
+            save_pruned(final, self.out / "model")
+            atomic_write(self.out / "summary.csv", lambda p: structure_summary(final).to_csv(p, index=False))
+            atomic_write(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+            self._log(
+                f"[{cfg.method}] final: acc {acc:.4f}, {metrics['macs'] / 1e6:.2f}M MACs "
+                f"({metrics['reduction_pct']:.1f}% cut), {metrics['params'] / 1e6:.3f}M params -> {self.out}"
+            )
+        return metrics
+
+
+def final_metrics(cfg: RunConfig, final: nn.Module, acc: float, test_loss: float, history: list[dict]) -> dict:
+    """metrics.json of a run: accuracy, MACs in both conventions, reduction, params, training time."""
+    macs, dense_macs = count_macs(final), count_macs(final.spec.dense())
+    return {
+        "method": cfg.method,
+        "target_macs": cfg.target_macs,
+        "test_acc": acc,
+        "test_loss": test_loss,
+        "macs": macs,
+        "macs_no_attn_matmul": count_macs(final, attention_matmuls=False),
+        "dense_macs": dense_macs,
+        "macs_fraction": macs / dense_macs,
+        "reduction_pct": 100 * (1 - macs / dense_macs),
+        "params": sum(p.numel() for p in final.parameters()),
+        "epochs": cfg.optim.epochs,
+        "train_time_s": sum(r["epoch_time_s"] for r in history),
+    }
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) one training run; returns the final metrics."""
+    return Trainer(cfg).run()
