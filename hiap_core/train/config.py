@@ -130,9 +130,9 @@ def _check_types(obj, prefix: str) -> None:
             _fail(name, value, "must be finite")
 
 
-def _validate(cfg: RunConfig) -> None:
-    _check_types(cfg, "")
-    rules = [
+def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    """(field, holds, rule) for the value ranges of every group."""
+    return [
         ("method", cfg.method in METHODS, f"must be one of {', '.join(METHODS)}"),
         ("data.dataset", cfg.data.dataset in DATASETS, f"must be one of {', '.join(DATASETS)}"),
         ("data.train_subset", cfg.data.train_subset is None or cfg.data.train_subset >= 1, "must be >= 1 or null"),
@@ -174,6 +174,12 @@ def _validate(cfg: RunConfig) -> None:
         ("hiap.kd_alpha", 0 <= cfg.hiap.kd_alpha <= 1, "must be in [0, 1]"),
         ("hiap.kd_temperature", cfg.hiap.kd_temperature > 0, "must be > 0"),
         ("hiap.cost", cfg.hiap.cost in COSTS, f"must be one of {', '.join(COSTS)}"),
+    ]
+
+
+def _cost_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    """(field, holds, rule) for the cost model and budget-exact mode, whose fields depend on each other."""
+    return [
         (
             "hiap.cost_table",
             cfg.hiap.cost != "latency" or cfg.hiap.cost_table is not None,
@@ -204,7 +210,11 @@ def _validate(cfg: RunConfig) -> None:
         ("hiap.budget_ramp", 0 <= cfg.hiap.budget_ramp < 1, "must be in [0, 1)"),
         ("hiap.budget_tolerance", 0 < cfg.hiap.budget_tolerance <= 0.05, "must be in (0, 0.05]"),
     ]
-    for name, ok, rule in rules:
+
+
+def _validate(cfg: RunConfig) -> None:
+    _check_types(cfg, "")
+    for name, ok, rule in _range_rules(cfg) + _cost_rules(cfg):
         if not ok:
             _fail(name, _get(cfg, name), rule)
     if cfg.method in ("uniform", "l1_ffn"):

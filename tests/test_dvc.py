@@ -1,0 +1,111 @@
+"""dvc.yaml cannot drift: each stage's deps cover every module its code imports, and a params edit reruns
+exactly the stages that read the edited value."""
+
+import ast
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ruamel.yaml import YAML
+from test_layers import closure, import_graph, imported_names, modules
+from test_pipeline import repo_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+
+def stage_definitions() -> dict[str, dict]:
+    """Each stage of `dvc.yaml` as DVC resolves it (foreach/matrix expanded, ${} filled in)."""
+    out = subprocess.run([DVC, "stage", "list", "--name-only"], cwd=ROOT, capture_output=True, text=True, check=True)
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        stages = {s.addressing: s for s in repo.index.stages}
+        return {name: {"cmd": stages[name].cmd, "deps": [d.def_path for d in stages[name].deps]} for name in out.stdout.split()}
+
+
+def code_modules(cmd: str) -> set[str]:
+    """hiap_core modules a stage's command runs: a notebook's imports, or `python -m <module>`."""
+    words = shlex.split(cmd)
+    if "papermill" in words:
+        notebook = ROOT / next(w for w in words if w.endswith(".ipynb"))
+        cells = json.loads(notebook.read_text())["cells"]
+        source = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        return imported_names(ast.parse(source), "__notebook__", False) | {"hiap_core"}
+    return {words[words.index("-m") + 1]}
+
+
+def test_every_module_a_stage_imports_is_covered_by_its_deps():
+    graph = import_graph()
+    files = modules()
+    for name, stage in stage_definitions().items():
+        deps = [d.rstrip("/") for d in stage["deps"]]
+        for module in closure(graph, code_modules(stage["cmd"])):
+            path = str(files[module].relative_to(ROOT))
+            assert any(path == d or path.startswith(d + "/") for d in deps), f"stage {name} runs {path}, not in its deps"
+
+
+def placeholder_outputs(repo: Path) -> None:
+    """A file or folder for every output, so `dvc commit` can record a consistent lock without running anything."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        for stage in dvc_repo.index.stages:
+            for out in stage.outs:
+                path = repo / out.def_path
+                if path.suffix:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text("placeholder\n")
+                else:
+                    path.mkdir(parents=True, exist_ok=True)
+                    (path / "placeholder").write_text("placeholder\n")
+
+
+def changed_stages(repo: Path) -> set[str]:
+    status = subprocess.run([DVC, "status", "--json"], cwd=repo, capture_output=True, text=True, check=True)
+    return set(json.loads(status.stdout))
+
+
+@pytest.fixture(scope="module")
+def committed_repo(tmp_path_factory) -> Path:
+    repo = repo_copy(tmp_path_factory.mktemp("dvc") / "repo")
+    shutil.rmtree(repo / "reports" / "notebooks")
+    placeholder_outputs(repo)
+    subprocess.run([DVC, "commit", "--force", "--quiet"], cwd=repo, capture_output=True, text=True, check=True)
+    assert changed_stages(repo) == set()
+    return repo
+
+
+def edited_params(repo: Path, edit) -> set[str]:
+    params_file = repo / "params.yaml"
+    original = params_file.read_text()
+    loader = YAML()
+    params = loader.load(original)
+    edit(params)
+    with params_file.open("w") as f:
+        loader.dump(params, f)
+    try:
+        return changed_stages(repo)
+    finally:
+        params_file.write_text(original)
+
+
+def test_adding_a_budget_reruns_only_its_runs_and_the_reports(committed_repo):
+    def add_budget(params):
+        params["budgets"]["light"] = {"target_macs": 0.8, "lambda_macro": 0.05, "lambda_micro": 0.025}
+
+    methods = yaml.safe_load((ROOT / "params.yaml").read_text())["baselines"]["methods"]
+    expected = {"hiap@light", *(f"baselines@{m}-light" for m in methods), "report", "latency", "budget_report"}
+    assert edited_params(committed_repo, add_budget) == expected
+
+
+def test_editing_one_sweep_ratio_reruns_only_that_sweep_run_and_the_report(committed_repo):
+    def edit_ratio(params):
+        params["sweep"]["ratios"]["r5_1"]["lambda_macro"] = 0.4
+
+    assert edited_params(committed_repo, edit_ratio) == {"sweep@r5_1", "report"}

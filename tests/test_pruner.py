@@ -1,0 +1,85 @@
+"""`hiap_core.Pruner`: HiAP added to a plain PyTorch loop in about ten lines."""
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import make_vit
+
+import hiap_core
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_plain_training_loop_prunes_to_a_budget_with_ten_lines_of_hiap():
+    model, teacher = make_vit(seed=1).train(), None
+    torch.manual_seed(0)
+    batches = [(torch.randn(16, 3, 16, 16), torch.randint(0, 5, (16,))) for _ in range(40)]
+
+    # -- the README's ten lines --
+    pruner = hiap_core.Pruner(model, total_steps=len(batches), target=0.6, init_logit=1.0)
+    optimizer = torch.optim.AdamW(pruner.param_groups(lr=1e-3, weight_decay=0.05, gate_lr=0.2))
+    for step, (x, y) in enumerate(batches):
+        pruner.set_step(step)
+        loss = pruner.loss(F.cross_entropy(model(x), y))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        pruner.after_step(step)
+    small = pruner.finish()
+    # --
+
+    assert teacher is None and isinstance(small, hiap_core.PrunedViT)
+    dense_macs = hiap_core.count_macs(small.spec.dense())
+    assert abs(hiap_core.count_macs(small) / dense_macs / 0.6 - 1) <= 0.005
+    assert len(pruner.budget_rows) == len(batches) and pruner.rounding["target_fraction"] == 0.6
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_the_task_plus_scaled_cost_penalties_plus_feasibility():
+    model = make_vit()
+    pruner = hiap_core.Pruner(model, total_steps=10, lambda_macro=0.3, lambda_micro=0.2, lambda_feas=5.0, min_heads=3)
+    task = torch.tensor(1.25)
+    terms = pruner.loss(task)
+    macro, micro = hiap_core.cost_penalties(hiap_core.expected_macs(model))
+    feas = hiap_core.feasibility_penalty(model, 3, 0.125, 0.125)
+    assert float(feas.detach()) > 0  # 3 heads at p = sigmoid(3) sum to 2.86: just under the minimum
+    torch.testing.assert_close(terms["loss"], task + 0.3 * macro + 0.2 * micro + 5.0 * feas)
+    assert set(terms) == {"loss", "task", "macro", "micro", "feas"} and not terms["macro"].requires_grad
+    assert pruner.after_step(0) is None and pruner.penalty_scale == 1.0  # lambda mode
+
+
+def test_temperature_follows_the_schedule_and_a_gated_model_is_not_gated_twice():
+    model = hiap_core.gate_vit(make_vit())
+    pruner = hiap_core.Pruner(model, total_steps=4, tau0=2.0, tau_min=0.5)
+    assert pruner.model is model
+    assert [pruner.set_step(s) for s in (0, 4)] == [2.0, pytest.approx(0.5)]
+    taus = [g.tau for g in model.modules() if isinstance(g, hiap_core.GumbelSigmoidGate)]
+    assert taus == pytest.approx([0.5] * len(taus))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"total_steps": 0}, "total_steps"),
+        ({"total_steps": 5, "target": 1.5e12}, "above the dense model"),
+        ({"total_steps": 5, "target": 0.001}, "smallest model the feasibility minimums allow"),
+        ({"total_steps": 5, "tau_min": 3.0}, "tau_min"),
+    ],
+)
+def test_impossible_settings_fail_before_any_training(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hiap_core.Pruner(make_vit(), **kwargs)
+
+
+def test_pruner_defaults_are_the_params_yaml_hiap_group():
+    hiap = yaml.safe_load((ROOT / "params.yaml").read_text())["hiap"]
+    defaults = {n: p.default for n, p in inspect.signature(hiap_core.Pruner).parameters.items() if p.default is not p.empty}
+    shared = {n: v for n, v in defaults.items() if n in hiap}
+    assert len(shared) == 13  # every setting but `costs` and `target` (hiap.target_macs / target_latency)
+    assert shared == {n: hiap[n] for n in shared}
