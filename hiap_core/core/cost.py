@@ -69,7 +69,7 @@ def dense_prunable_macs(spec: ViTSpec, attention_matmuls: bool = True) -> int:
 
 
 def load_cost_table(path, spec: ViTSpec) -> UnitCosts:
-    """The per-unit latency costs measured by `hiap_core.latency` for this architecture (milliseconds)."""
+    """The per-unit latency costs measured by `hiap_core.measure.cost_table` for this architecture (milliseconds)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
