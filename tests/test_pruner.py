@@ -81,5 +81,57 @@ def test_pruner_defaults_are_the_params_yaml_hiap_group():
     hiap = yaml.safe_load((ROOT / "params.yaml").read_text())["hiap"]
     defaults = {n: p.default for n, p in inspect.signature(hiap_core.Pruner).parameters.items() if p.default is not p.empty}
     shared = {n: v for n, v in defaults.items() if n in hiap}
-    assert len(shared) == 13  # every setting but `costs` and `target` (hiap.target_macs / target_latency)
+    assert len(shared) == 15  # every setting but `costs` and `target` (hiap.target_macs / target_latency)
     assert shared == {n: hiap[n] for n in shared}
+
+
+def test_gates_freeze_after_the_search_and_stay_frozen():
+    model = make_vit(seed=2).train()
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))) for _ in range(20)]
+    pruner = hiap_core.Pruner(model, total_steps=20, target=0.6, init_logit=1.0, search_fraction=0.5)
+    optimizer = torch.optim.AdamW(pruner.param_groups(lr=1e-3, weight_decay=0.05, gate_lr=0.3))
+    logits_at_freeze = None
+    for step, (x, y) in enumerate(batches):
+        tau = pruner.set_step(step)
+        if step == 10:
+            assert pruner.frozen and tau == pytest.approx(0.5)  # annealed over the search, then held
+            logits_at_freeze = [g.clone() for g in hiap_core.gate_parameters(model)]
+            assert abs(hiap_core.count_macs(model) / hiap_core.count_macs(hiap_core.describe(model).dense()) / 0.6 - 1) <= 0.005
+        terms = pruner.loss(F.cross_entropy(model(x), y))
+        if pruner.frozen:
+            assert terms["loss"] is terms["task"]  # the sub-network trains on the task alone
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        assert pruner.after_step(step) is None or step < 10
+    assert all(torch.equal(a, b) for a, b in zip(logits_at_freeze, hiap_core.gate_parameters(model)))
+    assert len(pruner.budget_rows) == 10 and 0 < pruner.summary()["settled_step"] <= 10
+    small = pruner.finish()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("logit", [-2.0, -0.3, 0.0, 0.7, 3.0])
+def test_soft_forward_equals_the_hard_one_in_distribution_as_tau_goes_to_zero(logit):
+    gate = hiap_core.GumbelSigmoidGate(20_000, init_logit=logit, tau=1e-4).train()
+    gate.soft = True
+    torch.manual_seed(0)
+    soft = gate().detach()
+    gate.soft = False
+    torch.manual_seed(0)
+    hard = gate().detach()
+    assert float((soft - hard).abs().gt(1e-3).float().mean()) < 2e-3  # equal but where |a + eps| < ~tau
+    p = torch.sigmoid(torch.tensor(logit))
+    assert float(soft.mean()) == pytest.approx(float(p), abs=4 * float((p * (1 - p) / 20_000).sqrt()) + 1e-3)
+    gate.tau = 2.0
+    gate.soft = True
+    assert float(gate().detach().sub(0.5).abs().mean()) < 0.45  # at a high temperature the soft gates are not 0/1
+
+
+def test_invalid_gate_forward_and_search_fraction_are_refused():
+    with pytest.raises(ValueError, match="gate forward"):
+        hiap_core.Pruner(make_vit(), total_steps=5, gate_forward="fuzzy")
+    with pytest.raises(ValueError, match="search_fraction"):
+        hiap_core.Pruner(make_vit(), total_steps=5, search_fraction=0.0)

@@ -66,6 +66,8 @@ def dense_run(tmp_path_factory):
         ("dense", {"optim.lr": "fast"}, "optim.lr"),
         ("dense", {"optim.batch_size": 1.5}, "optim.batch_size"),
         ("dense", {"data.root": "/nonexistent", "optim.lr": -1.0}, "optim.lr"),  # reported before any data is read
+        ("hiap", {"teacher": "x", "hiap.search_fraction": 0.0}, "hiap.search_fraction"),
+        ("hiap", {"teacher": "x", "hiap.gate_forward": "fuzzy"}, "hiap.gate_forward"),
     ],
 )
 def test_invalid_config_is_one_line_naming_the_field(method, overrides, field):
@@ -251,10 +253,12 @@ def write_params(path):
 
 
 @needs_fashion
-def test_killed_run_resumes_to_the_same_result(dense_run, tmp_path):
+@pytest.mark.parametrize("search", [[], ["hiap.search_fraction=0.3"]], ids=["search_to_the_end", "frozen_before_the_kill"])
+def test_killed_run_resumes_to_the_same_result(dense_run, tmp_path, search):
     params = write_params(tmp_path / "params.yaml")
-    # budget-exact mode: the controller's state must survive the kill too
-    common = ["--params", str(params), "--method", "hiap", "--set", f"teacher={dense_run[0]}", "target_macs=0.6"]
+    # budget-exact mode: the controller's state must survive the kill too; with search_fraction 0.3 the gates
+    # freeze in epoch 1 (step 5 of 18), before the checkpoint the run resumes from
+    common = ["--params", str(params), "--method", "hiap", "--set", f"teacher={dense_run[0]}", "target_macs=0.6", *search]
     full = cli([*common, "--out", str(tmp_path / "full")])
     assert full.wait(timeout=300) == 0, full.stdout.read()
 
@@ -278,6 +282,10 @@ def test_killed_run_resumes_to_the_same_result(dense_run, tmp_path):
     pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / "history.csv").drop(columns=drop) for run in ("full", "killed")))
     for report in ("gates.csv", "budget.csv"):
         pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / report) for run in ("full", "killed")))
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("full", "killed")]
+    assert metrics[0]["structure"] == metrics[1]["structure"] and metrics[0]["budget"] == metrics[1]["budget"]
+    if search:
+        assert metrics[0]["structure"]["search_steps"] == 5 and metrics[0]["structure"]["settled_step"] <= 5
 
 
 @needs_fashion

@@ -210,6 +210,27 @@ def set_temperature(model: nn.Module, tau: float) -> None:
         gate.tau = tau
 
 
+GATE_FORWARDS = ("hard", "soft")
+
+
+def set_gate_forward(model: nn.Module, forward: str) -> None:
+    """`hard`: the 0/1 sample with a straight-through gradient; `soft`: the relaxed sample itself."""
+    if forward not in GATE_FORWARDS:
+        raise ValueError(f"gate forward must be one of {', '.join(GATE_FORWARDS)}, got {forward!r}")
+    for gate in gates(model):
+        gate.soft = forward == "soft"
+
+
+@torch.no_grad()
+def freeze_gates(model: nn.Module, magnitude: float = 10.0) -> None:
+    """End the structure search: every gate keeps its hardened state (logits set to +-magnitude, no
+    gradient) and acts hard and deterministic in training too."""
+    set_gate_state(model, hard_gate_state(model), magnitude)
+    for gate in gates(model):
+        gate.frozen = True
+        gate.logits.requires_grad_(False)
+
+
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The gate logits (optimised with their own learning rate and no weight decay)."""
     return [g.logits for g in gates(model)]

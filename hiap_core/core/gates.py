@@ -30,10 +30,15 @@ def _check_temperature(tau: float) -> float:
 class GumbelSigmoidGate(nn.Module):
     """One learnable logit per unit.
 
-    Training: `s = sigmoid((logits + eps) / tau)`, `eps ~ Logistic(0, 1)`, output hard `1[s > 0.5]` with
-    the gradient of `s` (straight-through). A unit is on with probability exactly `sigmoid(logits)`,
-    whatever `tau`. Eval: deterministic `logits > 0`.
+    Training: `s = sigmoid((logits + eps) / tau)`, `eps ~ Logistic(0, 1)`. The hard forward (default)
+    outputs `1[s > 0.5]` with the gradient of `s` (straight-through): a unit is on with probability exactly
+    `sigmoid(logits)`, whatever `tau`. The soft forward (`soft = True`) outputs `s` itself, which sharpens
+    toward 0/1 as `tau` falls (hiap_core/DESIGN.md, "Gates"). Eval, and training once `frozen`:
+    deterministic `logits > 0`.
     """
+
+    soft = False  # forward the relaxed sample instead of its hard threshold
+    frozen = False  # the structure search is over: hard and deterministic in training too
 
     def __init__(self, num_units: int, init_logit: float = 3.0, tau: float = 2.0):
         super().__init__()
@@ -53,11 +58,11 @@ class GumbelSigmoidGate(nn.Module):
         self._tau = _check_temperature(value)
 
     def forward(self) -> torch.Tensor:
-        if not self.training:
+        if not self.training or self.frozen:
             return self.hard().to(self.logits.dtype)
         u = torch.rand_like(self.logits).clamp_(1e-6, 1.0 - 1e-6)
-        soft = torch.sigmoid((self.logits + torch.log(u) - torch.log1p(-u)) / self.tau)
-        return _StraightThrough.apply(soft)
+        relaxed = torch.sigmoid((self.logits + torch.log(u) - torch.log1p(-u)) / self.tau)
+        return relaxed if self.soft else _StraightThrough.apply(relaxed)
 
     def probs(self) -> torch.Tensor:
         return torch.sigmoid(self.logits)
@@ -67,7 +72,7 @@ class GumbelSigmoidGate(nn.Module):
         return self.logits.detach() > 0
 
     def extra_repr(self) -> str:
-        return f"num_units={self.logits.numel()}, tau={self.tau:g}"
+        return f"num_units={self.logits.numel()}, tau={self.tau:g}, soft={self.soft}, frozen={self.frozen}"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         # A plain timm checkpoint has no gate logits: keep the initial ones so strict loading still works.

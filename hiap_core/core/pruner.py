@@ -21,7 +21,7 @@ from .budget import BudgetController, budget_step, finish_budget, target_fractio
 from .cost import UnitCosts, expected_cost, spec_cost, unit_costs
 from .describe import describe
 from .extract import extract
-from .gated_vit import gate_parameters, gate_vit, is_gated, set_temperature
+from .gated_vit import GATE_FORWARDS, freeze_gates, gate_parameters, gate_vit, gates, is_gated, set_gate_forward, set_temperature
 from .losses import cost_penalties, feasibility_penalty, temperature_at
 from .pruned import PrunedViT
 
@@ -46,6 +46,12 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr: floa
 
 class Pruner:
     """Gates `model` (a timm ViT, in place) and drives HiAP over `total_steps` optimizer steps.
+
+    The structure search takes the first `search_fraction` of the steps: the temperature anneals and the
+    budget ramps over it; then the gates are rounded to the budget and frozen at their hardened state, and
+    the sub-network trains on with the task loss alone (`search_fraction=1`: search to the end, as the
+    paper's own runs). `gate_forward`: `hard` (0/1 sample, straight-through) or `soft` (the relaxed sample).
+    `settled_step` is the step after which the hardened structure last changed.
 
     Lambda mode (`target=None`): the penalties weigh `lambda_macro` and `lambda_micro`. Budget-exact mode:
     `target` is a fraction of the dense cost (<= 1) or an absolute cost (> 1) and one scale on both lambdas
@@ -74,12 +80,21 @@ class Pruner:
         budget_gain: float = 20.0,
         budget_ramp: float = 0.5,
         budget_tolerance: float = 0.005,
+        search_fraction: float = 1.0,
+        gate_forward: str = "hard",
     ):
         if int(total_steps) != total_steps or total_steps < 1:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps}")
-        temperature_at(0, total_steps, tau0, tau_min)  # checks the schedule before any work
+        if not 0 < search_fraction <= 1:
+            raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
+        if gate_forward not in GATE_FORWARDS:  # before the model is touched
+            raise ValueError(f"gate forward must be one of {', '.join(GATE_FORWARDS)}, got {gate_forward!r}")
+        self.total_steps = int(total_steps)
+        self.search_steps = max(1, round(search_fraction * self.total_steps))  # the gates freeze after these
+        temperature_at(0, self.search_steps, tau0, tau_min)  # checks the schedule before any work
         self.model = model if is_gated(model) else gate_vit(model, init_logit=init_logit, tau=tau0)
-        self.total_steps, self.tau0, self.tau_min = int(total_steps), tau0, tau_min
+        set_gate_forward(self.model, gate_forward)
+        self.tau0, self.tau_min = tau0, tau_min
         self.lambda_macro, self.lambda_micro, self.lambda_feas = lambda_macro, lambda_micro, lambda_feas
         self.minimums = (min_heads, min_value_fraction, min_neuron_fraction)
         spec = describe(self.model)
@@ -91,6 +106,14 @@ class Pruner:
             fraction = target_fraction(target, spec, self.costs, min_heads, min_value_fraction)
             self.budget = BudgetController(fraction, budget_lr, budget_ramp, budget_gain)
         self.tau = tau0
+        self.settled_step, self._structure = 0, self._hard_structure()
+
+    @property
+    def frozen(self) -> bool:
+        return all(gate.frozen for gate in gates(self.model))
+
+    def _hard_structure(self) -> torch.Tensor:
+        return torch.cat([gate.hard() for gate in gates(self.model)])
 
     @property
     def penalty_scale(self) -> float:
@@ -101,42 +124,81 @@ class Pruner:
         return param_groups(self.model, lr, weight_decay, gate_lr)
 
     def set_step(self, step: int) -> float:
-        """Set the gate temperature of optimizer step `step` (0-based); returns it."""
-        self.tau = temperature_at(step, self.total_steps, self.tau0, self.tau_min)
+        """Set the gate temperature of optimizer step `step` (0-based) and, once the search is over, round
+        and freeze the gates (idempotent, so a resumed run calls it the same way); returns the temperature."""
+        self.tau = temperature_at(step, self.search_steps, self.tau0, self.tau_min)
         set_temperature(self.model, self.tau)
+        if step >= self.search_steps and not self.frozen:
+            self._round()
+            freeze_gates(self.model)
+            self._note_structure(self.search_steps)
         return self.tau
 
     def loss(self, task: torch.Tensor) -> dict[str, torch.Tensor]:
         """`task + scale * (lambda_macro L_macro + lambda_micro L_micro) + lambda_feas L_feas` under `loss`,
-        with each term (penalties detached) for logging."""
+        with each term (penalties detached) for logging; the task alone once the gates are frozen."""
+        if self.frozen:
+            with torch.no_grad():
+                macro, micro = cost_penalties(expected_cost(self.model, self.costs, self.dense_prunable))
+                feas = feasibility_penalty(self.model, *self.minimums)
+            return {"loss": task, "task": task, "macro": macro, "micro": micro, "feas": feas}
         macro, micro = cost_penalties(expected_cost(self.model, self.costs, self.dense_prunable))
         feas = feasibility_penalty(self.model, *self.minimums)
         loss = task + self.penalty_scale * (self.lambda_macro * macro + self.lambda_micro * micro) + self.lambda_feas * feas
         return {"loss": loss, "task": task, "macro": macro.detach(), "micro": micro.detach(), "feas": feas.detach()}
 
+    def _note_structure(self, steps_done: int) -> None:
+        structure = self._hard_structure()
+        if not torch.equal(structure, self._structure):
+            self.settled_step, self._structure = steps_done, structure
+
     def after_step(self, step: int) -> dict | None:
-        """Budget-exact mode: adapt the penalty scale to the cost after step `step`'s update; returns the
-        trajectory row (also kept in `budget_rows`). Lambda mode: nothing to do, None."""
+        """Note whether step `step` changed the hardened structure and, in budget-exact mode, adapt the
+        penalty scale to the cost after its update; returns the trajectory row (also kept in `budget_rows`),
+        None in lambda mode or once the gates are frozen."""
+        if self.frozen:
+            return None
+        self._note_structure(step + 1)
         if self.budget is None:
             return None
-        row = budget_step(self.budget, self.model, self.costs, self.dense_cost, (step + 1) / self.total_steps)
+        row = budget_step(self.budget, self.model, self.costs, self.dense_cost, (step + 1) / self.search_steps)
         scale = row["penalty_scale"]
         row = {"step": step + 1, **row, "lambda_macro": scale * self.lambda_macro, "lambda_micro": scale * self.lambda_micro}
         self.budget_rows.append(row)
         return row
 
-    def finish(self) -> PrunedViT:
-        """Round to the budget (budget-exact mode; its metrics land in `rounding`), harden and extract."""
-        self.model.eval()
-        if self.budget is not None:
+    def _round(self) -> None:
+        """Budget-exact mode: round the hardened cost to the target (its metrics land in `rounding`)."""
+        if self.budget is not None and not self.rounding:
             self.rounding = finish_budget(self.budget, self.model, self.costs, self.dense_cost, self.tolerance, self.minimums[0])
+
+    def finish(self) -> PrunedViT:
+        """Round to the budget (unless the search already ended and did), harden and extract."""
+        self.model.eval()
+        self._round()
         return extract(self.model)
 
+    def summary(self) -> dict:
+        """When the structure settled: the step after which the hardened gates last changed, as a count and
+        as a fraction of training, and where the search ended."""
+        return {
+            "settled_step": self.settled_step,
+            "settled_fraction": self.settled_step / self.total_steps,
+            "search_steps": self.search_steps,
+            "total_steps": self.total_steps,
+        }
+
     def state_dict(self) -> dict:
-        """What a resumed run needs besides the model and optimizer: the controller and its trajectory."""
-        return {"budget": self.budget.state_dict(), "budget_rows": list(self.budget_rows)} if self.budget is not None else {}
+        """What a resumed run needs besides the model and optimizer: the controller, its trajectory, the
+        rounding done at the end of the search and when the structure last changed."""
+        state = {"settled_step": self.settled_step, "rounding": dict(self.rounding)}
+        if self.budget is not None:
+            state.update(budget=self.budget.state_dict(), budget_rows=list(self.budget_rows))
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` after the model's own weights (the structure is read off them)."""
+        self.settled_step, self.rounding, self._structure = state["settled_step"], dict(state["rounding"]), self._hard_structure()
         if self.budget is not None:
             self.budget.load_state_dict(state["budget"])
             self.budget_rows = list(state["budget_rows"])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from ..core.gated_vit import GATE_FORWARDS
+
 METHODS = ("dense", "hiap", "uniform", "l1_ffn")
 COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
@@ -79,6 +81,8 @@ class HiAPConfig:
     budget_gain: float = 20.0  # ... proportional: log(penalty scale) offset per unit of the current overshoot
     budget_ramp: float = 0.5  # ... the target falls from the first observed cost to its value over this fraction of training
     budget_tolerance: float = 0.005  # ... final hardened cost further than this (relative): round the least sure gates
+    search_fraction: float = 1.0  # the gates search this fraction of the steps, then freeze (1: to the end)
+    gate_forward: str = "hard"  # hard: 0/1 sample, straight-through gradient; soft: the relaxed sample
 
 
 @dataclass
@@ -174,6 +178,8 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("hiap.kd_alpha", 0 <= cfg.hiap.kd_alpha <= 1, "must be in [0, 1]"),
         ("hiap.kd_temperature", cfg.hiap.kd_temperature > 0, "must be > 0"),
         ("hiap.cost", cfg.hiap.cost in COSTS, f"must be one of {', '.join(COSTS)}"),
+        ("hiap.search_fraction", 0 < cfg.hiap.search_fraction <= 1, "must be in (0, 1]: the share of training the gates search"),
+        ("hiap.gate_forward", cfg.hiap.gate_forward in GATE_FORWARDS, f"must be one of {', '.join(GATE_FORWARDS)}"),
     ]
 
 

@@ -179,6 +179,8 @@ def make_pruner(cfg: RunConfig, model: nn.Module, total_steps: int) -> Pruner:
             budget_gain=h.budget_gain,
             budget_ramp=h.budget_ramp,
             budget_tolerance=h.budget_tolerance,
+            search_fraction=h.search_fraction,
+            gate_forward=h.gate_forward,
         )
     except InfeasibleBudget as err:
         raise ConfigError(f"invalid config: {field} = {target!r}: {err}") from err
@@ -439,8 +441,10 @@ class Trainer:
             final = self.model
         acc, test_loss = evaluate(final, self.test_loader, self.dist)
         metrics = final_metrics(cfg, final, acc, test_loss, self.history)
-        if self.pruner is not None and self.pruner.rounding:
-            metrics["budget"] = {"cost": cfg.hiap.cost, **self.pruner.rounding}
+        if self.pruner is not None:
+            metrics["structure"] = self.pruner.summary()
+            if self.pruner.rounding:
+                metrics["budget"] = {"cost": cfg.hiap.cost, **self.pruner.rounding}
         if self.dist.main:
             save_pruned(final, self.out / "model")
             atomic_write(self.out / "summary.csv", lambda p: structure_summary(final).to_csv(p, index=False))
