@@ -99,8 +99,10 @@ def test_adding_a_budget_reruns_only_its_runs_and_the_reports(committed_repo):
     def add_budget(params):
         params["budgets"]["light"] = {"target_macs": 0.8, "lambda_macro": 0.05, "lambda_micro": 0.025}
 
-    methods = yaml.safe_load((ROOT / "params.yaml").read_text())["baselines"]["methods"]
-    expected = {"hiap@light", *(f"baselines@{m}-light" for m in methods), "report", "latency", "budget_report"}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    methods, seeds = params["baselines"]["methods"], params["seeds"]
+    runs = {f"hiap@light-{s}" for s in seeds} | {f"baselines@{m}-light-{s}" for m in methods for s in seeds}
+    expected = runs | {"report", "latency", "budget_report"}
     assert edited_params(committed_repo, add_budget) == expected
 
 
@@ -109,3 +111,9 @@ def test_editing_one_sweep_ratio_reruns_only_that_sweep_run_and_the_report(commi
         params["sweep"]["ratios"]["r5_1"]["lambda_macro"] = 0.4
 
     assert edited_params(committed_repo, edit_ratio) == {"sweep@r5_1", "report"}
+
+
+def test_every_table3_method_fine_tunes_for_the_same_steps_on_the_same_data():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key in ("epochs", "train_subset", "batch_size"):
+        assert params["baselines"][key] == params["hiap"][key], f"baselines.{key} differs from hiap.{key}"

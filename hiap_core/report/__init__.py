@@ -1,4 +1,4 @@
-"""The study layer, part 3: what the report notebooks show. Tables (`tables`), figures (`figures`),
+"""The study layer, part 3: what the report notebooks show. Tables (`tables`), seed statistics (`stats`), figures (`figures`),
 latency of the extracted models (`latency`) and the ImageNet part (`imagenet`); the notebooks use the
 names re-exported here (`from hiap_core import report`). Built on the core, `train` and `measure`."""
 
@@ -16,9 +16,10 @@ from .figures import (
     temperature_plot,
 )
 from .latency import latency_table, latency_vs_macs_target, load_models, onnx_runtimes
-from .tables import PAPER_TABLE2, PAPER_TABLE3, budget_table, results_table, write_table
+from .tables import METHOD_LABELS, PAPER_TABLE2, PAPER_TABLE3, budget_table, results_table, write_table
 
 __all__ = [
+    "METHOD_LABELS",
     "PAPER_TABLE2",
     "PAPER_TABLE3",
     "PROJECT_ROOT",

@@ -22,8 +22,9 @@ def save_figure(fig, name: str) -> Path:
     return path
 
 
-def gate_heatmaps(gates: pd.DataFrame, spec: ViTSpec, title: str):
-    """Heads, value dims and FFN neurons remaining per layer (rows) over epochs (columns); darker = more kept."""
+def gate_heatmaps(gates: pd.DataFrame, spec: ViTSpec, title: str, settled_epoch: float | None = None):
+    """Heads, value dims and FFN neurons remaining per layer (rows) over epochs (columns); darker = more kept.
+    `settled_epoch`: where the hardened structure last changed, drawn as a red line."""
     panels = (
         ("heads", spec.num_heads, "heads"),
         ("value_dims_total", spec.num_heads * spec.head_dim, "value dims"),
@@ -37,6 +38,10 @@ def gate_heatmaps(gates: pd.DataFrame, spec: ViTSpec, title: str):
         )
         ax.set_title(f"{label} remaining (of {full})")
         ax.set_xlabel("epoch")
+        if settled_epoch is not None:  # column e is centred at e + 0.5
+            ax.axvline(settled_epoch + 0.5, color="tab:red", lw=2, label="structure settled")
+    if settled_epoch is not None:
+        axes[0].legend(loc="lower left", fontsize=7)
     fig.suptitle(title, y=1.04)
     return fig
 
@@ -70,8 +75,11 @@ def temperature_plot(tau0: float, tau_min: float, history: pd.DataFrame):
     return fig
 
 
-def macs_trajectory_plot(history: pd.DataFrame, dense_macs: int):
+def macs_trajectory_plot(history: pd.DataFrame, dense_macs: int, settled_epoch: float | None = None):
+    """Expected and hard MACs per epoch; `settled_epoch`: where the hardened structure last changed."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    if settled_epoch is not None:
+        ax.axvline(settled_epoch, color="tab:red", lw=1.5, ls="--", label=f"structure settled (epoch {settled_epoch:.2f})")
     ax.plot(history["epoch"], history["expected_macs"] / dense_macs, marker="o", label="expected (soft gates)")
     ax.plot(history["epoch"], history["hard_macs"] / dense_macs, marker="s", label="hard (hardened gates)")
     ax.set_xlabel("epoch")

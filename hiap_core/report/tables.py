@@ -38,7 +38,13 @@ PAPER_TABLE2 = pd.DataFrame(
     ],
     columns=["method", "params_M", "flops_G", "top1_pct"],
 )
-METHOD_LABELS = {"dense": "Dense", "uniform": "Uniform-Ratio", "l1_ffn": "L1-Structured (FFN)", "hiap": "HiAP"}
+METHOD_LABELS = {
+    "dense": "Dense",
+    "finetune": "Dense + KD fine-tune (control)",
+    "uniform": "Uniform-Ratio",
+    "l1_ffn": "L1-Structured (FFN)",
+    "hiap": "HiAP",
+}
 
 
 def results_table(names: list[str]) -> pd.DataFrame:
@@ -60,40 +66,34 @@ def results_table(names: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_table(table: pd.DataFrame, name: str, floatfmt: str = ".2f", csv: bool = True) -> None:
-    """`reports/tables/<name>.md` and (with `csv`) `<name>.csv`."""
+def write_table(table: pd.DataFrame, name: str, floatfmt: str = ".2f", csv: bool = True, note: str = "") -> None:
+    """`reports/tables/<name>.md` (the table, then `note` in words) and (with `csv`) `<name>.csv`."""
     if csv:
         atomic_write(REPORTS / "tables" / f"{name}.csv", lambda p: table.to_csv(p, index=False))
-    atomic_write(
-        REPORTS / "tables" / f"{name}.md", lambda p: p.write_text(table.to_markdown(index=False, floatfmt=floatfmt) + "\n")
-    )
+    text = table.to_markdown(index=False, floatfmt=floatfmt) + "\n" + (f"\n{note}\n" if note else "")
+    atomic_write(REPORTS / "tables" / f"{name}.md", lambda p: p.write_text(text))
 
 
-def budget_table(targets: dict[str, float], hand_tuned: dict[str, str], hiap: dict, budgets: dict) -> pd.DataFrame:
-    """Each budget-exact run (`budget_<key>`) against its target, beside the hand-tuned lambda run
-    `hiap_<hand_tuned[key]>` of `budgets` (the paper's way to reach about the same MACs)."""
+def budget_table(names: list[str], hiap: dict) -> pd.DataFrame:
+    """Each budget-exact run against its target: where it landed before and after rounding, the units
+    rounded, the lambdas the controller ended on, when its structure settled, and its accuracy."""
     rows = []
-    for key, target in targets.items():
-        lambdas = {f"budget_{key}": (hiap["lambda_macro"], hiap["lambda_micro"])}
-        tuned = budgets[hand_tuned[key]]
-        lambdas[f"hiap_{hand_tuned[key]}"] = (tuned["lambda_macro"], tuned["lambda_micro"])
-        for name, (lambda_macro, lambda_micro) in lambdas.items():
-            m = run_metrics(name)
-            budget = m.get("budget", {})
-            scale = budget.get("final_penalty_scale", 1.0)
-            rows.append(
-                {
-                    "target": key,
-                    "run": name,
-                    "mode": "budget-exact" if budget else "hand-tuned lambdas",
-                    "target_fraction": target,
-                    "macs_fraction": m["macs_fraction"],
-                    "error_pct": 100 * (m["macs_fraction"] / target - 1),
-                    "before_rounding_fraction": budget.get("cost_fraction_before_rounding", float("nan")),
-                    "rounded_units": budget.get("rounded_units", float("nan")),
-                    "final_lambda_macro": scale * lambda_macro,
-                    "final_lambda_micro": scale * lambda_micro,
-                    "accuracy_pct": 100 * m["test_acc"],
-                }
-            )
+    for name in names:
+        m = run_metrics(name)
+        budget, scale = m["budget"], m["budget"]["final_penalty_scale"]
+        rows.append(
+            {
+                "run": name,
+                "cost": budget["cost"],
+                "target_fraction": budget["target_fraction"],
+                "cost_fraction": budget["cost_fraction"],
+                "error_pct": 100 * (budget["cost_fraction"] / budget["target_fraction"] - 1),
+                "before_rounding_fraction": budget["cost_fraction_before_rounding"],
+                "rounded_units": budget["rounded_units"],
+                "final_lambda_macro": scale * hiap["lambda_macro"],
+                "final_lambda_micro": scale * hiap["lambda_micro"],
+                "settled_fraction": m["structure"]["settled_fraction"],
+                "accuracy_pct": 100 * m["test_acc"],
+            }
+        )
     return pd.DataFrame(rows)

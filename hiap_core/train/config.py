@@ -12,7 +12,7 @@ import yaml
 
 from ..core.gated_vit import GATE_FORWARDS
 
-METHODS = ("dense", "hiap", "uniform", "l1_ffn")
+METHODS = ("dense", "hiap", "uniform", "l1_ffn", "finetune")  # finetune: the teacher, KD fine-tuned, unpruned
 COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 
@@ -278,7 +278,7 @@ def config_from_params(params: dict | str | Path, method: str, overrides: dict |
             raise ConfigError(f"params file {path} not found")
         params = yaml.safe_load(path.read_text()) or {}
     cfg = RunConfig(method=method)
-    stage = {"dense": "dense", "hiap": "hiap", "uniform": "baselines", "l1_ffn": "baselines"}.get(method)
+    stage = {"dense": "dense", "hiap": "hiap", "uniform": "baselines", "l1_ffn": "baselines", "finetune": "baselines"}.get(method)
     if stage is None:
         raise ConfigError(f"invalid config: method = {method!r}: must be one of {', '.join(METHODS)}")
     flat = {}

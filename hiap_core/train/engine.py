@@ -129,8 +129,8 @@ def load_teacher(cfg: RunConfig) -> nn.Module:
 
 
 def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
-    """The model a run trains: dense (random init), HiAP's student (the teacher's weights, not yet gated),
-    or a baseline cut from the teacher and extracted."""
+    """The model a run trains: dense (random init), the teacher's weights (HiAP's student, not yet gated;
+    the unpruned fine-tuning control), or a baseline cut from the teacher and extracted."""
     if cfg.method == "dense":
         return build_dense_model(cfg)
     dense = build_dense_model(cfg) if cfg.teacher is not None else copy.deepcopy(teacher)
@@ -139,7 +139,7 @@ def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
             dense.load_state_dict(teacher.state_dict())
         except RuntimeError as err:
             raise ConfigError(f"teacher = {cfg.teacher!r} does not match the model config: {str(err).splitlines()[0]}") from err
-    if cfg.method == "hiap":
+    if cfg.method in ("hiap", "finetune"):
         return dense
     return prune_to_target(dense.eval(), cfg.method, cfg.target_macs)
 
@@ -435,7 +435,7 @@ class Trainer:
         self.model.eval()
         if self.pruner is not None:
             final = self.pruner.finish()
-        elif cfg.method == "dense":
+        elif cfg.method in ("dense", "finetune"):
             final = extract(gate_vit(copy.deepcopy(self.model)))  # the same weights as a plain PrunedViT
         else:
             final = self.model

@@ -1,0 +1,46 @@
+"""Seed statistics of the study tables: aggregation and paired t intervals."""
+
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from hiap_core.report import stats
+
+
+def runs_frame(rows):
+    return pd.DataFrame(rows, columns=["method", "budget", "seed", "macs_M", "reduction_pct", "params_M", "acc"])
+
+
+def test_seed_table_has_one_row_per_method_and_budget_with_mean_and_std():
+    runs = runs_frame(
+        [("HiAP", "b", s, 10.0 + s, 50.0, 1.0, a) for s, a in enumerate([80.0, 82.0, 84.0])]
+        + [("Uniform", "b", s, 10.0, 50.0, 1.0, 79.0) for s in range(3)]
+    )
+    table = stats.seed_table(runs).set_index("method")
+    assert table.loc["HiAP", "seeds"] == 3 and table.loc["HiAP", "acc_mean"] == pytest.approx(82.0)
+    assert table.loc["HiAP", "acc_std"] == pytest.approx(2.0) and table.loc["HiAP", "macs_M"] == pytest.approx(11.0)
+    assert table.loc["HiAP", "acc_sem"] == pytest.approx(2.0 / 3**0.5) and table.loc["Uniform", "acc_std"] == 0
+
+
+def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
+    hiap, other = [80.0, 82.5, 81.0, 83.0], [79.0, 82.0, 79.5, 82.9]
+    runs = runs_frame(
+        [("HiAP", "b", s, 1, 1, 1, a) for s, a in enumerate(hiap)] + [("L1", "b", s, 1, 1, 1, a) for s, a in enumerate(other)]
+    )
+    row = stats.paired_differences(runs, "HiAP").iloc[0]
+    diffs = pd.Series(hiap) - pd.Series(other)
+    half = scipy_stats.t.ppf(0.975, 3) * diffs.std() / 2
+    assert row["versus"] == "L1" and row["seeds"] == 4
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    assert row["significant"] == (diffs.mean() - half > 0)
+    assert "HiAP" in stats.describe_differences(stats.paired_differences(runs, "HiAP"), "HiAP")
+
+
+def test_a_difference_inside_the_noise_is_not_called_significant():
+    runs = runs_frame(
+        [("HiAP", "b", s, 1, 1, 1, a) for s, a in enumerate([80.0, 81.0, 79.0])]
+        + [("L1", "b", s, 1, 1, 1, a) for s, a in enumerate([79.5, 81.5, 79.2])]
+    )
+    paired = stats.paired_differences(runs, "HiAP")
+    assert not paired["significant"].iloc[0] and paired["ci_low"].iloc[0] < 0 < paired["ci_high"].iloc[0]
+    assert "cannot be told apart" in stats.describe_differences(paired, "HiAP")
