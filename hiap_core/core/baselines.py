@@ -1,6 +1,7 @@
 """Table 3 baselines, cut from the trained dense model to a target MACs fraction (then KD fine-tuned by
 the training engine): `uniform` (one common keep ratio for every head's value dims and every FFN,
-chosen by L1 magnitude inside each structure) and `l1_ffn` (FFN neurons ranked globally by L1 norm)."""
+chosen by L1 magnitude inside each structure), `l1_ffn` (FFN neurons ranked globally by L1 norm) and
+`torch_pruning` (the Torch-Pruning library: head dims and FFN neurons ranked globally, below)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from torch import nn
 
 from .cost import count_macs, unit_costs
 from .describe import describe
-from .extract import extract
+from .extract import copy_linear, copy_norm, extract, pruned_shell
 from .gated_vit import gate_vit, gated_blocks, set_gate_state
 from .pruned import PrunedViT
-from .spec import LayerSpec
+from .spec import LayerSpec, ViTSpec
 
 TOLERANCE = 0.005  # relative to the target MACs fraction
 
@@ -63,6 +64,8 @@ def prune_to_target(dense: nn.Module, method: str, target: float) -> PrunedViT:
 
     Candidates are costed on the architecture alone (exact), the closest is applied; ValueError when it
     is not within 0.5% of the target."""
+    if method == "torch_pruning":
+        return torch_pruning_cut(dense, target)
     gated = gate_vit(copy.deepcopy(dense)).eval()
     spec = describe(gated)
     dense_macs = count_macs(spec)
@@ -81,7 +84,7 @@ def prune_to_target(dense: nn.Module, method: str, target: float) -> PrunedViT:
         keep = min(max(round((target * dense_macs - floor_macs) / gamma), 0), hidden * depth)
         state = l1_ffn_state(gated, keep)
     else:
-        raise ValueError(f"unknown baseline {method!r}: expected 'uniform' or 'l1_ffn'")
+        raise ValueError(f"unknown baseline {method!r}: expected 'uniform', 'l1_ffn' or 'torch_pruning'")
     set_gate_state(gated, state)
     reached = count_macs(gated) / dense_macs
     if abs(reached / target - 1) > TOLERANCE:
@@ -90,3 +93,82 @@ def prune_to_target(dense: nn.Module, method: str, target: float) -> PrunedViT:
             f"{'l1_ffn prunes only FFN neurons, so attention cost is a floor' if method == 'l1_ffn' else 'choose another target'}"
         )
     return extract(gated)
+
+
+def torch_pruning_cut(dense: nn.Module, target: float) -> PrunedViT:
+    """Torch-Pruning (`torch_pruning.pruner.MetaPruner`) cuts a copy of `dense` to `target` x its MACs.
+
+    Criterion: `GroupMagnitudeImportance(p=1)`, the L1 norm over every weight a coupled group removes, ranked
+    globally over all blocks (`global_pruning`). Groups: the head dims of each attention (Q, K and V together,
+    the same dims in every head, TP's `prune_head_dims`) and the FFN neurons; the residual width stays (its
+    layers are ignored). One pruning ratio is bisected until the MACs are within 0.5% of the target; the result
+    is converted to a `PrunedViT` (narrowed Q/K as `LayerSpec.qk_dim`), numerically equal to TP's model."""
+    import torch_pruning as tp  # optional: only this baseline needs it
+
+    spec = describe(dense)
+    dense_macs = count_macs(spec)
+    example = torch.randn(1, spec.in_chans, *spec.img_size)
+
+    def cut(ratio: float) -> PrunedViT:
+        model = copy.deepcopy(dense).eval()
+        ignored = [model.patch_embed.proj, model.head] + [m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
+        tokens = [(p, 2) for p in (model.cls_token, model.reg_token, model.pos_embed) if p is not None]
+        tokens += [(m.gamma, 0) for m in model.modules() if type(m).__name__ == "LayerScale"]  # residual-width vectors
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=1),
+            global_pruning=True,
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+            unwrapped_parameters=tokens,
+            num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
+            prune_head_dims=True,
+            prune_num_heads=False,
+        )
+        pruner.step()
+        return from_narrowed_timm(model, spec)
+
+    lo, hi, best = 0.0, 0.99, None
+    for _ in range(20):  # MACs fall as the ratio grows
+        mid = (lo + hi) / 2
+        candidate = cut(mid)
+        fraction = count_macs(candidate) / dense_macs
+        if best is None or abs(fraction - target) < abs(count_macs(best) / dense_macs - target):
+            best = candidate
+        if abs(fraction / target - 1) <= TOLERANCE / 2:
+            break
+        lo, hi = (mid, hi) if fraction > target else (lo, mid)
+    reached = count_macs(best) / dense_macs
+    if abs(reached / target - 1) > TOLERANCE:
+        raise ValueError(
+            f"torch_pruning cannot reach {target:.3f} of dense MACs within 0.5% (closest: {reached:.4f}): "
+            "the residual width and the heads stay, so their cost is a floor; choose another target"
+        )
+    return best
+
+
+@torch.no_grad()
+def from_narrowed_timm(model: nn.Module, dense: ViTSpec) -> PrunedViT:
+    """The `PrunedViT` of a timm ViT whose attention head dims (Q, K and V alike) and FFN widths were cut per
+    layer by another tool, on the dense model's `dense` spec (the attention scale stays the dense one, as
+    such tools leave it)."""
+    layers = []
+    for block in model.blocks:
+        heads = block.attn.num_heads
+        width = block.attn.qkv.out_features // (3 * heads)
+        qk = None if width == dense.head_dim else width
+        layers.append(LayerSpec(tuple(range(heads)), (width,) * heads, block.mlp.fc1.out_features, qk))
+    spec = dataclasses.replace(dense, layers=tuple(layers))
+    pruned = pruned_shell(spec, model)
+    for dst, src in zip(pruned.blocks, model.blocks):
+        copy_norm(dst.norm1, src.norm1)
+        copy_linear(dst.attn.qkv, src.attn.qkv)
+        copy_linear(dst.attn.proj, src.attn.proj)
+        copy_norm(dst.norm2, src.norm2)
+        copy_linear(dst.mlp.fc1, src.mlp.fc1)
+        copy_linear(dst.mlp.fc2, src.mlp.fc2)
+        for name in ("ls1", "ls2"):
+            if getattr(dst, name) is not None:
+                getattr(dst, name).gamma.copy_(getattr(src, name).gamma)
+    return pruned.eval()

@@ -13,7 +13,7 @@ from torch import nn
 
 from .describe import describe
 from .gated_vit import gated_blocks
-from .spec import ViTSpec
+from .spec import LayerSpec, ViTSpec
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,18 @@ def static_macs(spec: ViTSpec) -> int:
     return spec.num_patches * spec.embed_dim * spec.in_chans * ph * pw + spec.embed_dim * spec.num_classes
 
 
+def layer_cost(spec: ViTSpec, layer: LayerSpec, costs: UnitCosts):
+    """`alpha * heads + beta * value dims + gamma * neurons` of one block. A head whose Q/K are narrowed to
+    `qk_dim` costs `alpha * qk_dim / head_dim`: alpha is linear in the Q/K width (exact for MACs)."""
+    heads = costs.alpha * len(layer.heads)
+    if layer.qk_dim is not None:
+        heads = heads * layer.qk_dim // spec.head_dim if isinstance(heads, int) else heads * layer.qk_dim / spec.head_dim
+    return heads + costs.beta * sum(layer.value_dims) + costs.gamma * (layer.mlp_hidden or 0)
+
+
 def spec_cost(spec: ViTSpec, costs: UnitCosts):
     """`static + sum alpha * heads + beta * value dims + gamma * neurons` of an architecture."""
-    return costs.static + sum(
-        costs.alpha * len(layer.heads) + costs.beta * sum(layer.value_dims) + costs.gamma * (layer.mlp_hidden or 0)
-        for layer in spec.layers
-    )
+    return costs.static + sum(layer_cost(spec, layer, costs) for layer in spec.layers)
 
 
 def spec_macs(spec: ViTSpec, attention_matmuls: bool = True) -> int:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cost import spec_macs, unit_costs
+from .cost import layer_cost, spec_macs, unit_costs
 from .describe import describe
 from .gated_vit import gated_blocks
 from .pruned import BiasOnly, LayerScale, PrunedViT, count_params
 from .spec import ViTSpec
 
 
-def _copy_linear(dst: nn.Linear, src: nn.Linear, rows=None, cols=None) -> None:
+def copy_linear(dst: nn.Linear, src: nn.Linear, rows=None, cols=None) -> None:
     weight = src.weight.detach()
     if rows is not None:
         weight = weight[rows]
@@ -23,9 +23,27 @@ def _copy_linear(dst: nn.Linear, src: nn.Linear, rows=None, cols=None) -> None:
         dst.bias.copy_(src.bias.detach() if rows is None else src.bias.detach()[rows])
 
 
-def _copy_norm(dst: nn.Module, src: nn.Module) -> None:
+def copy_norm(dst: nn.Module, src: nn.Module) -> None:
     if isinstance(dst, nn.LayerNorm):
         dst.load_state_dict(src.state_dict())
+
+
+@torch.no_grad()
+def pruned_shell(spec: ViTSpec, source: nn.Module) -> PrunedViT:
+    """A `PrunedViT` of `spec` on `source`'s device and dtype, with the parts no pruning touches (patch
+    embedding, tokens, position embedding, outer norms, classifier) copied from the timm ViT `source`;
+    the blocks are left to the caller."""
+    ref = next(source.parameters())
+    model = PrunedViT(spec).to(device=ref.device, dtype=ref.dtype)
+    model.patch_embed.proj.load_state_dict(source.patch_embed.proj.state_dict())
+    for name in ("cls_token", "reg_token", "pos_embed"):
+        if getattr(model, name) is not None:
+            getattr(model, name).copy_(getattr(source, name))
+    for name in ("norm_pre", "norm", "fc_norm"):
+        copy_norm(getattr(model, name), getattr(source, name))
+    if spec.num_classes:
+        model.head.load_state_dict(source.head.state_dict())
+    return model
 
 
 @torch.no_grad()
@@ -35,36 +53,27 @@ def extract(gated: nn.Module) -> PrunedViT:
     keeps no unit but its bias still reaches the residual stream."""
     blocks = gated_blocks(gated)
     spec = describe(gated)
-    ref = next(gated.parameters())
-    model = PrunedViT(spec).to(device=ref.device, dtype=ref.dtype)
-    model.patch_embed.proj.load_state_dict(gated.patch_embed.proj.state_dict())
-    for name in ("cls_token", "reg_token", "pos_embed"):
-        if getattr(model, name) is not None:
-            getattr(model, name).copy_(getattr(gated, name))
-    for name in ("norm_pre", "norm", "fc_norm"):
-        _copy_norm(getattr(model, name), getattr(gated, name))
-    if spec.num_classes:
-        model.head.load_state_dict(gated.head.state_dict())
+    model = pruned_shell(spec, gated)
 
     H, Dh = spec.num_heads, spec.head_dim
     for dst, src, (attn, mlp), layer in zip(model.blocks, gated.blocks, blocks, spec.layers):
         keep = attn.hard_value_mask()
         if dst.norm1 is not None:
-            _copy_norm(dst.norm1, src.norm1)
+            copy_norm(dst.norm1, src.norm1)
             heads = torch.tensor(layer.heads)
             qk_rows = (torch.arange(2)[:, None, None] * H * Dh + heads[None, :, None] * Dh + torch.arange(Dh)).reshape(-1)
             v_cols = torch.cat([h * Dh + keep[h].nonzero().flatten() for h in layer.heads])
-            _copy_linear(dst.attn.qkv, attn.qkv, rows=torch.cat([qk_rows, 2 * H * Dh + v_cols]))
-            _copy_linear(dst.attn.proj, attn.proj, cols=v_cols)
+            copy_linear(dst.attn.qkv, attn.qkv, rows=torch.cat([qk_rows, 2 * H * Dh + v_cols]))
+            copy_linear(dst.attn.proj, attn.proj, cols=v_cols)
         elif isinstance(dst.attn, BiasOnly):
             dst.attn.bias.copy_(attn.proj.bias)
         if isinstance(dst.ls1, LayerScale):
             dst.ls1.gamma.copy_(src.ls1.gamma)
         if dst.norm2 is not None:
-            _copy_norm(dst.norm2, src.norm2)
+            copy_norm(dst.norm2, src.norm2)
             neurons = mlp.hard_neuron_mask().nonzero().flatten()
-            _copy_linear(dst.mlp.fc1, mlp.fc1, rows=neurons)
-            _copy_linear(dst.mlp.fc2, mlp.fc2, cols=neurons)
+            copy_linear(dst.mlp.fc1, mlp.fc1, rows=neurons)
+            copy_linear(dst.mlp.fc2, mlp.fc2, cols=neurons)
         elif isinstance(dst.mlp, BiasOnly):
             dst.mlp.bias.copy_(mlp.fc2.bias)
         if isinstance(dst.ls2, LayerScale):
@@ -92,8 +101,8 @@ def structure_summary(model: nn.Module | ViTSpec):
                 "value_dims_total": dims,
                 "ffn_on": layer.mlp_hidden is not None,
                 "neurons": hidden,
-                "macs": with_mm.alpha * heads + with_mm.beta * dims + with_mm.gamma * hidden,
-                "macs_no_attn_matmul": without_mm.alpha * heads + without_mm.beta * dims + without_mm.gamma * hidden,
+                "macs": layer_cost(spec, layer, with_mm),
+                "macs_no_attn_matmul": layer_cost(spec, layer, without_mm),
                 "params": layer_params[i],
             }
         )

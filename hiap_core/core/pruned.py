@@ -50,11 +50,14 @@ class PrunedAttention(nn.Module):
     `qkv` produces [Q of all heads | K of all heads | V of all heads, head after head].
     """
 
-    def __init__(self, dim: int, head_dim: int, value_dims: tuple[int, ...], qkv_bias: bool, proj_bias: bool):
+    def __init__(
+        self, dim: int, head_dim: int, value_dims: tuple[int, ...], qkv_bias: bool, proj_bias: bool, qk_dim: int | None = None
+    ):
         super().__init__()
-        self.num_heads, self.head_dim = len(value_dims), head_dim
-        self.scale = head_dim**-0.5
-        self.qk_dim, self.v_dim = 2 * self.num_heads * head_dim, sum(value_dims)
+        self.num_heads, self.head_dim = len(value_dims), qk_dim or head_dim  # head_dim: the Q/K width here
+        self.scale = head_dim**-0.5  # the dense model's: narrower Q/K (qk_dim) keep the scaling they trained with
+        self.sdpa_scale = None if self.head_dim == head_dim else self.scale  # None: SDPA's own 1/sqrt(width), the same
+        self.qk_width, self.v_dim = 2 * self.num_heads * self.head_dim, sum(value_dims)
         self.fused_attn = True
         self.groups: list[tuple[int, int, int, int]] = []  # (first head, last head + 1, width, first V column)
         start, col = 0, 0
@@ -63,16 +66,17 @@ class PrunedAttention(nn.Module):
                 self.groups.append((start, h, value_dims[start], col))
                 col += (h - start) * value_dims[start]
                 start = h
-        self.qkv = nn.Linear(dim, self.qk_dim + self.v_dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, self.qk_width + self.v_dim, bias=qkv_bias)
         self.proj = nn.Linear(self.v_dim, dim, bias=proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
-        qk, v = self.qkv(x).split([self.qk_dim, self.v_dim], dim=-1)
+        qk, v = self.qkv(x).split([self.qk_width, self.v_dim], dim=-1)
         q, k = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.fused_attn and self.groups == [(0, self.num_heads, self.head_dim, 0)]:
             # Every head at full width: torch's fused kernel applies (it has no fast path for other widths).
-            out = F.scaled_dot_product_attention(q, k, v.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2))
+            v = v.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.sdpa_scale)
             return self.proj(out.transpose(1, 2).reshape(B, N, self.v_dim))
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # all heads at once
         outs = []
@@ -103,7 +107,7 @@ class PrunedBlock(nn.Module):
         self.norm1 = self.attn = self.ls1 = self.norm2 = self.mlp = self.ls2 = None
         if layer.heads:
             self.norm1 = nn.LayerNorm(dim, eps=spec.norm_eps)
-            self.attn = PrunedAttention(dim, spec.head_dim, layer.value_dims, spec.qkv_bias, spec.proj_bias)
+            self.attn = PrunedAttention(dim, spec.head_dim, layer.value_dims, spec.qkv_bias, spec.proj_bias, layer.qk_dim)
         elif spec.proj_bias:
             self.attn = BiasOnly(dim)
         if self.attn is not None and spec.layer_scale:

@@ -13,6 +13,8 @@ class LayerSpec:
     heads: tuple[int, ...]  # original indices of the live heads, in stored order
     value_dims: tuple[int, ...]  # value width of each live head (Q/K keep the full head_dim)
     mlp_hidden: int | None  # live FFN neurons; None: the FFN block is removed (no bias either)
+    qk_dim: int | None = None  # Q/K width of every head; None: the dense head_dim (HiAP never narrows Q/K,
+    # models pruned by other tools, e.g. Torch-Pruning's head dims, may)
 
     def __post_init__(self):
         if len(self.heads) != len(self.value_dims):
@@ -21,6 +23,8 @@ class LayerSpec:
             raise ValueError("LayerSpec: a live head needs at least one value dim")
         if self.mlp_hidden is not None and self.mlp_hidden < 0:
             raise ValueError("LayerSpec: mlp_hidden must be >= 0 or None")
+        if self.qk_dim is not None and self.qk_dim < 1:
+            raise ValueError("LayerSpec: qk_dim must be >= 1 or None")
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,8 @@ class ViTSpec:
     def from_dict(cls, data: dict) -> ViTSpec:
         data = dict(data)
         layers = tuple(
-            LayerSpec(tuple(layer["heads"]), tuple(layer["value_dims"]), layer["mlp_hidden"]) for layer in data.pop("layers")
+            LayerSpec(tuple(layer["heads"]), tuple(layer["value_dims"]), layer["mlp_hidden"], layer.get("qk_dim"))
+            for layer in data.pop("layers")
         )
         for key in ("img_size", "patch_size"):
             data[key] = tuple(data[key])

@@ -43,6 +43,7 @@ METHOD_LABELS = {
     "finetune": "Dense + KD fine-tune (control)",
     "uniform": "Uniform-Ratio",
     "l1_ffn": "L1-Structured (FFN)",
+    "torch_pruning": "Torch-Pruning (L1 group, global)",
     "hiap": "HiAP",
 }
 

@@ -1,4 +1,4 @@
-"""`python -m hiap_core.train --method {dense,hiap,uniform,l1_ffn,finetune} --out FOLDER [--set field=value ...]`
+"""`python -m hiap_core.train --method {dense,hiap,uniform,l1_ffn,torch_pruning,finetune} --out FOLDER [--set field=value ...]`
 (resumable; `torchrun --nproc_per_node=N -m hiap_core.train ...` for DDP)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .paths import PARAMS
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train a dense, HiAP or baseline ViT (resumable; torchrun for DDP).")
     parser.add_argument("--params", default=str(PARAMS), help="params file (default: the project's params.yaml)")
-    parser.add_argument("--method", required=True, help="dense | hiap | uniform | l1_ffn | finetune")
+    parser.add_argument("--method", required=True, help="dense | hiap | uniform | l1_ffn | torch_pruning | finetune")
     parser.add_argument("--out", required=True, help="run folder (checkpoint, reports, model/)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="overrides, e.g. hiap.lambda_macro=4")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import yaml
 
 from ..core.gated_vit import GATE_FORWARDS
 
-METHODS = ("dense", "hiap", "uniform", "l1_ffn", "finetune")  # finetune: the teacher, KD fine-tuned, unpruned
+METHODS = ("dense", "hiap", "uniform", "l1_ffn", "torch_pruning", "finetune")  # finetune: the teacher, KD fine-tuned, unpruned
 COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 
@@ -223,7 +223,7 @@ def _validate(cfg: RunConfig) -> None:
     for name, ok, rule in _range_rules(cfg) + _cost_rules(cfg):
         if not ok:
             _fail(name, _get(cfg, name), rule)
-    if cfg.method in ("uniform", "l1_ffn"):
+    if cfg.method in ("uniform", "l1_ffn", "torch_pruning"):
         if cfg.target_macs is None or not 0 < cfg.target_macs < 1:
             _fail("target_macs", cfg.target_macs, f"must be in (0, 1) for method {cfg.method}")
     if cfg.method != "dense" and cfg.teacher is None and cfg.model.pretrained is None:
@@ -278,7 +278,14 @@ def config_from_params(params: dict | str | Path, method: str, overrides: dict |
             raise ConfigError(f"params file {path} not found")
         params = yaml.safe_load(path.read_text()) or {}
     cfg = RunConfig(method=method)
-    stage = {"dense": "dense", "hiap": "hiap", "uniform": "baselines", "l1_ffn": "baselines", "finetune": "baselines"}.get(method)
+    stage = {
+        "dense": "dense",
+        "hiap": "hiap",
+        "uniform": "baselines",
+        "l1_ffn": "baselines",
+        "torch_pruning": "baselines",
+        "finetune": "baselines",
+    }.get(method)
     if stage is None:
         raise ConfigError(f"invalid config: method = {method!r}: must be one of {', '.join(METHODS)}")
     flat = {}

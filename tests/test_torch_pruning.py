@@ -1,0 +1,80 @@
+"""The Torch-Pruning peer row: cut to a MACs target, counted exactly, saved and reloaded like every row."""
+
+import copy
+
+import pytest
+import torch
+from conftest import TINY_VARIANTS, flop_counter_macs, make_vit
+
+import hiap_core
+from hiap_core.core import baselines
+
+tp = pytest.importorskip("torch_pruning")
+
+
+def torch_pruned_timm(dense, ratio):
+    """Torch-Pruning's own timm model at `ratio`, attributes fixed so it runs (what from_narrowed_timm reads)."""
+    model = copy.deepcopy(dense).eval()
+    ignored = [model.patch_embed.proj, model.head] + [m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
+    tokens = [(p, 2) for p in (model.cls_token, model.reg_token, model.pos_embed) if p is not None]
+    tokens += [(m.gamma, 0) for m in model.modules() if type(m).__name__ == "LayerScale"]
+    spec = hiap_core.describe(dense)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        torch.randn(1, spec.in_chans, *spec.img_size),
+        importance=tp.importance.GroupMagnitudeImportance(p=1),
+        global_pruning=True,
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        unwrapped_parameters=tokens,
+        num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
+        prune_head_dims=True,
+        prune_num_heads=False,
+    )
+    pruner.step()
+    for block in model.blocks:
+        block.attn.head_dim = block.attn.qkv.out_features // (3 * block.attn.num_heads)
+        block.attn.attn_dim = block.attn.num_heads * block.attn.head_dim
+        # timm's fused path would rescale by the narrowed width; its explicit path keeps the trained scale
+        block.attn.fused_attn = False
+    return model
+
+
+@pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
+def test_converted_model_equals_torch_prunings_and_its_macs_equal_flop_counter(variant):
+    dense = make_vit(**TINY_VARIANTS[variant])
+    pruned_timm = torch_pruned_timm(dense, 0.4)
+    pruned = baselines.from_narrowed_timm(pruned_timm, hiap_core.describe(dense))
+    assert any(layer.qk_dim is not None for layer in pruned.spec.layers)  # Q/K really narrowed
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), pruned_timm(x), atol=1e-5, rtol=1e-5)
+    for fused in (True, False):
+        hiap_core.set_fused_attention(pruned, fused)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(x), pruned_timm(x), atol=1e-5, rtol=1e-5)
+    assert hiap_core.count_macs(pruned) == flop_counter_macs(pruned, (16, 16))
+    assert hiap_core.count_macs(pruned) == flop_counter_macs(pruned_timm, (16, 16))
+
+
+def test_torch_pruning_reaches_the_target_and_reloads_with_equal_outputs(tmp_path):
+    dense = make_vit(embed_dim=48, num_heads=3, mlp_ratio=4.0)
+    dense_macs = hiap_core.count_macs(dense)
+    pruned = hiap_core.prune_to_target(dense, "torch_pruning", 0.6)
+    assert abs(hiap_core.count_macs(pruned) / dense_macs / 0.6 - 1) <= 0.005
+    loaded = hiap_core.load_pruned(hiap_core.save_pruned(pruned, tmp_path / "tp"))
+    assert loaded.spec == pruned.spec
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x), atol=0, rtol=0)
+    table = hiap_core.structure_summary(loaded)
+    assert (
+        table.iloc[-1]["macs"]
+        == hiap_core.count_macs(loaded)
+        == table.iloc[:-1]["macs"].sum() + (dense_macs - hiap_core.dense_prunable_macs(hiap_core.describe(dense)))
+    )
+
+
+def test_an_unreachable_torch_pruning_target_is_one_clear_error():
+    with pytest.raises(ValueError, match="torch_pruning cannot reach"):
+        hiap_core.prune_to_target(make_vit(), "torch_pruning", 0.05)
