@@ -114,8 +114,12 @@ def test_round_to_budget_lands_within_one_unit_of_the_target(state, target):
         assert flipped == 0 and cost == start
         return
     for old, new in zip(before.layers, after.layers):
-        # FFNs never appear or vanish; heads close only over budget (keeping one) and open only under it
-        assert (new.mlp_hidden is None) == (old.mlp_hidden is None) and bool(new.mlp_hidden) == bool(old.mlp_hidden)
+        # FFNs never vanish and reopen only under budget; heads close only over budget (keeping one) and open only
+        # under it
+        if start > target_cost:
+            assert (new.mlp_hidden is None) == (old.mlp_hidden is None) and bool(new.mlp_hidden) == bool(old.mlp_hidden)
+        else:
+            assert (new.mlp_hidden or 0) >= (old.mlp_hidden or 0)
         assert len(new.heads) >= min(len(old.heads), 1)
         assert set(new.heads) <= set(old.heads) if start > target_cost else set(new.heads) >= set(old.heads)
     step = max(costs.beta, costs.gamma)
@@ -123,8 +127,7 @@ def test_round_to_budget_lands_within_one_unit_of_the_target(state, target):
         len(layer.heads) <= 1 and all(v == 1 for v in layer.value_dims) and (layer.mlp_hidden or 0) <= 1 for layer in after.layers
     )
     ceiling = all(
-        len(layer.heads) == 3 and all(v == 8 for v in layer.value_dims) and layer.mlp_hidden in (None, 0, 48)
-        for layer in after.layers
+        len(layer.heads) == 3 and all(v == 8 for v in layer.value_dims) and layer.mlp_hidden in (0, 48) for layer in after.layers
     )
     assert (
         abs(cost - target_cost) < step
@@ -147,6 +150,18 @@ def test_round_to_budget_closes_heads_when_value_dims_and_neurons_are_not_enough
     after = hiap_core.describe(gated)
     assert abs(hiap_core.spec_cost(after, costs) / (0.5 * dense) - 1) <= 0.005
     assert all(1 <= len(layer.heads) < 3 for layer in after.layers)
+
+
+def test_round_to_budget_reopens_closed_ffn_blocks_when_the_run_undershot():
+    model = make_vit(depth=2, num_heads=3, embed_dim=24)
+    gated = gated_copy(model)
+    hiap_core.set_gate_state(gated, [{"ffn": False}, {"ffn": False, "neurons": False}])  # both FFNs closed
+    costs = hiap_core.unit_costs(hiap_core.describe(model))
+    dense = hiap_core.count_macs(model)
+    assert hiap_core.count_macs(gated) / dense < 0.7
+    round_to_budget(gated, costs, 0.9 * dense, tolerance=0.005, min_heads=1)
+    assert abs(hiap_core.count_macs(gated) / (0.9 * dense) - 1) <= 0.005
+    assert all(layer.mlp_hidden for layer in hiap_core.describe(gated).layers)
 
 
 @pytest.mark.parametrize(

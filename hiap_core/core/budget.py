@@ -196,13 +196,29 @@ def _head_units(blocks: list, costs: UnitCosts, closing: bool, min_heads: float)
     return units
 
 
+def _ffn_units(blocks: list, costs: UnitCosts) -> list:
+    """(confidence, [(gate, index)], cost) of FFNs that cost nothing now (block closed, or open without a
+    neuron) to bring back: a closed block reopens with its open neurons, or its most confident one."""
+    units = []
+    for _, mlp in blocks:
+        is_open, neurons = bool(mlp.block_gate.hard()[0]), mlp.neuron_gate.logits.detach()
+        alive = int((neurons > 0).sum())
+        if is_open and alive:
+            continue
+        flips = ([] if is_open else [(mlp.block_gate, 0)]) + ([] if alive else [(mlp.neuron_gate, int(neurons.argmax()))])
+        confidence = abs(float(mlp.block_gate.logits.detach()[0] if not is_open else neurons.max()))
+        units.append((confidence, flips, costs.gamma * max(alive, 1)))
+    return units
+
+
 def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance: float, min_heads: float = 1) -> int:
     """Flip the least confident gates (logits nearest 0) until the hardened cost (absolute, `costs` units)
     is within `tolerance` (relative) of `target`; returns the number of units flipped.
 
     Value dims and neurons of live heads and FFNs go first (fine steps); whole heads only when those run
     out: over budget, each layer keeps its `ceil(min_heads)` most confident live heads; under budget, a
-    reopened head brings back its open value dims (or its most confident one). Every live head and FFN
+    reopened head brings back its open value dims (or its most confident one), and a reopened FFN block its
+    open neurons (or its most confident one), least confident first. Every live head and FFN
     keeps a unit, so the cost stays the linear sum the controller steered, and the result lands within
     one value dim or neuron of the target unless every unit in that direction is spent."""
     blocks = gated_blocks(gated)
@@ -225,7 +241,11 @@ def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance
     closing = cost > target
     if not within():
         flip(_micro_units(blocks, costs, closing), closing)
-    if not within() and (cost > target) == closing:  # the fine steps ran out: whole heads, then fine steps back
+    if not within() and not closing and cost < target:  # under budget, fine steps spent: empty FFNs, then neurons
+        flip(_ffn_units(blocks, costs), False)
+        if not within():
+            flip(_micro_units(blocks, costs, cost > target), cost > target)
+    if not within() and (cost > target) == closing:  # still short: whole heads, then fine steps back
         flip(_head_units(blocks, costs, closing, min_heads), closing)
         if not within():
             flip(_micro_units(blocks, costs, cost > target), cost > target)

@@ -49,8 +49,8 @@ class Pruner:
 
     The structure search takes the first `search_fraction` of the steps: the temperature anneals and the
     budget ramps over it; then the gates are rounded to the budget and frozen at their hardened state, and
-    the sub-network trains on with the task loss alone (`search_fraction=1`: search to the end, as the
-    paper's own runs). `gate_forward`: `hard` (0/1 sample, straight-through) or `soft` (the relaxed sample).
+    the sub-network trains on with the task loss alone (`search_fraction=1`: search to the
+    end). `gate_forward`: `hard` (0/1 sample, straight-through) or `soft` (the relaxed sample).
     `settled_step` is the step after which the hardened structure last changed.
 
     Lambda mode (`target=None`): the penalties weigh `lambda_macro` and `lambda_micro`. Budget-exact mode:
@@ -80,7 +80,7 @@ class Pruner:
         budget_gain: float = 20.0,
         budget_ramp: float = 0.5,
         budget_tolerance: float = 0.005,
-        search_fraction: float = 1.0,
+        search_fraction: float = 0.5,
         gate_forward: str = "hard",
     ):
         if int(total_steps) != total_steps or total_steps < 1:

@@ -81,7 +81,7 @@ class HiAPConfig:
     budget_gain: float = 20.0  # ... proportional: log(penalty scale) offset per unit of the current overshoot
     budget_ramp: float = 0.5  # ... the target falls from the first observed cost to its value over this fraction of training
     budget_tolerance: float = 0.005  # ... final hardened cost further than this (relative): round the least sure gates
-    search_fraction: float = 1.0  # the gates search this fraction of the steps, then freeze (1: to the end)
+    search_fraction: float = 0.5  # the gates search this fraction of the steps, then freeze (1: to the end)
     gate_forward: str = "hard"  # hard: 0/1 sample, straight-through gradient; soft: the relaxed sample
 
 
