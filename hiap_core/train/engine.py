@@ -274,7 +274,9 @@ class Trainer:
         self.net = self.model
         if self.dist.world > 1:  # after the resume: DDP broadcasts rank 0's weights when it wraps the model
             device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            # gates frozen after the search get no gradient: DDP must not wait for one
+            frozen_later = self.pruner is not None and self.pruner.search_steps < self.pruner.total_steps
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=frozen_later)
         self.out.mkdir(parents=True, exist_ok=True)
         for epoch in range(start, self.cfg.optim.epochs):
             sums, train_time = self._train_epoch(epoch)
