@@ -1,7 +1,5 @@
 """The Torch-Pruning peer row: cut to a MACs target, counted exactly, saved and reloaded like every row."""
 
-import copy
-
 import pytest
 import torch
 from conftest import TINY_VARIANTS, flop_counter_macs, make_vit
@@ -9,41 +7,13 @@ from conftest import TINY_VARIANTS, flop_counter_macs, make_vit
 import hiap_core
 from hiap_core.core import baselines
 
-tp = pytest.importorskip("torch_pruning")
-
-
-def torch_pruned_timm(dense, ratio):
-    """Torch-Pruning's own timm model at `ratio`, attributes fixed so it runs (what from_narrowed_timm reads)."""
-    model = copy.deepcopy(dense).eval()
-    ignored = [model.patch_embed.proj, model.head] + [m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
-    tokens = [(p, 2) for p in (model.cls_token, model.reg_token, model.pos_embed) if p is not None]
-    tokens += [(m.gamma, 0) for m in model.modules() if type(m).__name__ == "LayerScale"]
-    spec = hiap_core.describe(dense)
-    pruner = tp.pruner.MetaPruner(
-        model,
-        torch.randn(1, spec.in_chans, *spec.img_size),
-        importance=tp.importance.GroupMagnitudeImportance(p=1),
-        global_pruning=True,
-        pruning_ratio=ratio,
-        ignored_layers=ignored,
-        unwrapped_parameters=tokens,
-        num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
-        prune_head_dims=True,
-        prune_num_heads=False,
-    )
-    pruner.step()
-    for block in model.blocks:
-        block.attn.head_dim = block.attn.qkv.out_features // (3 * block.attn.num_heads)
-        block.attn.attn_dim = block.attn.num_heads * block.attn.head_dim
-        # timm's fused path would rescale by the narrowed width; its explicit path keeps the trained scale
-        block.attn.fused_attn = False
-    return model
+pytest.importorskip("torch_pruning")
 
 
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
 def test_converted_model_equals_torch_prunings_and_its_macs_equal_flop_counter(variant):
     dense = make_vit(**TINY_VARIANTS[variant])
-    pruned_timm = torch_pruned_timm(dense, 0.4)
+    pruned_timm = baselines.torch_pruned(dense, 0.4)
     pruned = baselines.from_narrowed_timm(pruned_timm, hiap_core.describe(dense))
     assert any(layer.qk_dim is not None for layer in pruned.spec.layers)  # Q/K really narrowed
     x = torch.randn(3, 3, 16, 16)

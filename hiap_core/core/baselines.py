@@ -95,44 +95,50 @@ def prune_to_target(dense: nn.Module, method: str, target: float) -> PrunedViT:
     return extract(gated)
 
 
-def torch_pruning_cut(dense: nn.Module, target: float) -> PrunedViT:
-    """Torch-Pruning (`torch_pruning.pruner.MetaPruner`) cuts a copy of `dense` to `target` x its MACs.
+def torch_pruned(dense: nn.Module, ratio: float) -> nn.Module:
+    """Torch-Pruning's own cut of a copy of the timm ViT `dense` at `ratio` (`torch_pruning.pruner.MetaPruner`).
 
     Criterion: `GroupMagnitudeImportance(p=1)`, the L1 norm over every weight a coupled group removes, ranked
     globally over all blocks (`global_pruning`). Groups: the head dims of each attention (Q, K and V together,
     the same dims in every head, TP's `prune_head_dims`) and the FFN neurons; the residual width stays (its
-    layers are ignored). One pruning ratio is bisected until the MACs are within 0.5% of the target; the result
-    is converted to a `PrunedViT` (narrowed Q/K as `LayerSpec.qk_dim`), numerically equal to TP's model."""
+    layers are ignored). The attention attributes TP leaves stale are updated so timm runs the result; its
+    explicit path is used, as timm's fused one would rescale attention by the narrowed width."""
     import torch_pruning as tp  # optional: only this baseline needs it
 
+    model = copy.deepcopy(dense).eval()
+    spec = describe(dense)
+    ignored = [model.patch_embed.proj, model.head] + [m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
+    vectors = [(p, 2) for p in (model.cls_token, model.reg_token, model.pos_embed) if p is not None]
+    vectors += [(m.gamma, 0) for m in model.modules() if type(m).__name__ == "LayerScale"]  # residual-width vectors
+    pruner = tp.pruner.MetaPruner(
+        model,
+        torch.randn(1, spec.in_chans, *spec.img_size),
+        importance=tp.importance.GroupMagnitudeImportance(p=1),
+        global_pruning=True,
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        unwrapped_parameters=vectors,
+        num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
+        prune_head_dims=True,
+        prune_num_heads=False,
+    )
+    pruner.step()
+    for block in model.blocks:
+        block.attn.head_dim = block.attn.qkv.out_features // (3 * block.attn.num_heads)
+        block.attn.attn_dim = block.attn.num_heads * block.attn.head_dim
+        block.attn.fused_attn = False
+    return model
+
+
+def torch_pruning_cut(dense: nn.Module, target: float) -> PrunedViT:
+    """`torch_pruned` with its one pruning ratio bisected until the MACs are within 0.5% of `target` x the
+    dense MACs, converted to a `PrunedViT` (narrowed Q/K as `LayerSpec.qk_dim`), numerically equal to TP's model."""
     spec = describe(dense)
     dense_macs = count_macs(spec)
-    example = torch.randn(1, spec.in_chans, *spec.img_size)
-
-    def cut(ratio: float) -> PrunedViT:
-        model = copy.deepcopy(dense).eval()
-        ignored = [model.patch_embed.proj, model.head] + [m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
-        tokens = [(p, 2) for p in (model.cls_token, model.reg_token, model.pos_embed) if p is not None]
-        tokens += [(m.gamma, 0) for m in model.modules() if type(m).__name__ == "LayerScale"]  # residual-width vectors
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example,
-            importance=tp.importance.GroupMagnitudeImportance(p=1),
-            global_pruning=True,
-            pruning_ratio=ratio,
-            ignored_layers=ignored,
-            unwrapped_parameters=tokens,
-            num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
-            prune_head_dims=True,
-            prune_num_heads=False,
-        )
-        pruner.step()
-        return from_narrowed_timm(model, spec)
-
     lo, hi, best = 0.0, 0.99, None
     for _ in range(20):  # MACs fall as the ratio grows
         mid = (lo + hi) / 2
-        candidate = cut(mid)
+        candidate = from_narrowed_timm(torch_pruned(dense, mid), spec)
         fraction = count_macs(candidate) / dense_macs
         if best is None or abs(fraction - target) < abs(count_macs(best) / dense_macs - target):
             best = candidate
