@@ -107,6 +107,7 @@ class Pruner:
             self.budget = BudgetController(fraction, budget_lr, budget_ramp, budget_gain)
         self.tau = tau0
         self.settled_step, self._structure = 0, self._hard_structure()
+        self._frozen_penalties = None
 
     @property
     def frozen(self) -> bool:
@@ -134,16 +135,21 @@ class Pruner:
             self._note_structure(self.search_steps)
         return self.tau
 
+    def _penalties(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L_macro, L_micro, L_feas) of the current gate probabilities."""
+        macro, micro = cost_penalties(expected_cost(self.model, self.costs, self.dense_prunable))
+        return macro, micro, feasibility_penalty(self.model, *self.minimums)
+
     def loss(self, task: torch.Tensor) -> dict[str, torch.Tensor]:
         """`task + scale * (lambda_macro L_macro + lambda_micro L_micro) + lambda_feas L_feas` under `loss`,
         with each term (penalties detached) for logging; the task alone once the gates are frozen."""
         if self.frozen:
-            with torch.no_grad():
-                macro, micro = cost_penalties(expected_cost(self.model, self.costs, self.dense_prunable))
-                feas = feasibility_penalty(self.model, *self.minimums)
+            if self._frozen_penalties is None:  # frozen gates: constant penalties, computed once
+                with torch.no_grad():
+                    self._frozen_penalties = self._penalties()
+            macro, micro, feas = self._frozen_penalties
             return {"loss": task, "task": task, "macro": macro, "micro": micro, "feas": feas}
-        macro, micro = cost_penalties(expected_cost(self.model, self.costs, self.dense_prunable))
-        feas = feasibility_penalty(self.model, *self.minimums)
+        macro, micro, feas = self._penalties()
         loss = task + self.penalty_scale * (self.lambda_macro * macro + self.lambda_micro * micro) + self.lambda_feas * feas
         return {"loss": loss, "task": task, "macro": macro.detach(), "micro": micro.detach(), "feas": feas.detach()}
 
