@@ -152,7 +152,7 @@ def test_loader_shards_global_batches_across_ranks_and_is_deterministic():
     ds = data.ArrayDataset(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8), torch.arange(40), 40)
 
     def make(rank=0, world=1):
-        return data.TensorLoader(ds, 8, (0.5,), (0.5,), True, seed=3, augment_padding=1, rank=rank, world=world)
+        return data.TensorLoader(ds, 8, (0.5,), (0.5,), True, seed=3, augment="crop_flip", padding=1, rank=rank, world=world)
 
     single = list(make())
     ranks = [list(make(r, 2)) for r in range(2)]

@@ -15,6 +15,7 @@ from ..core.gated_vit import GATE_FORWARDS
 METHODS = ("dense", "hiap", "uniform", "l1_ffn", "torch_pruning", "finetune")  # finetune: the teacher, KD fine-tuned, unpruned
 COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
+AUGMENTATIONS = ("crop_flip", "flip", "none")  # data.augment of the in-memory datasets (ImageNet: timm/DeiT's)
 
 
 class ConfigError(ValueError):
@@ -29,7 +30,7 @@ class DataConfig:
     checksum: str | None = None  # CIFAR-10 archive md5 override (None: the official archive)
     train_subset: int | None = None  # deterministic random subset sizes (quick profiles)
     test_subset: int | None = None
-    augment: bool = True
+    augment: str = "flip"  # crop_flip | flip | none (a shifted crop moves content across patch borders)
     workers: int = 4  # ImageNet loader processes
 
 
@@ -139,6 +140,7 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
     return [
         ("method", cfg.method in METHODS, f"must be one of {', '.join(METHODS)}"),
         ("data.dataset", cfg.data.dataset in DATASETS, f"must be one of {', '.join(DATASETS)}"),
+        ("data.augment", cfg.data.augment in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
         ("data.train_subset", cfg.data.train_subset is None or cfg.data.train_subset >= 1, "must be >= 1 or null"),
         ("data.test_subset", cfg.data.test_subset is None or cfg.data.test_subset >= 1, "must be >= 1 or null"),
         ("data.workers", cfg.data.workers >= 0, "must be >= 0"),

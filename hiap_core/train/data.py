@@ -1,7 +1,7 @@
 """Datasets: Fashion-MNIST (IDX), CIFAR-10 (python pickles), ImageNet (ImageFolder).
 
-Small datasets live in memory as uint8 tensors and are augmented in batches (random crop with
-padding, horizontal flip): no per-sample decoding in the training loop. Shuffling and augmentation
+Small datasets live in memory as uint8 tensors and are augmented in batches (`data.augment`:
+random crop with padding and horizontal flip, flip only, or none): no per-sample decoding in the training loop. Shuffling and augmentation
 are drawn from generators seeded by (seed, epoch, batch), so a run is deterministic, resumable at any
 epoch, and a DDP run sees the same global batches as a single process (each rank takes its slice).
 """
@@ -194,7 +194,8 @@ def load_cifar10(split: str, root: str | None = None, download: bool = True, md5
 
 
 def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip, per sample, on a uint8 batch (B, C, H, W)."""
+    """Random crop with zero padding (none at `padding` 0) and horizontal flip, per sample, on a uint8
+    batch (B, C, H, W)."""
     B, C, H, W = images.shape
     padded = F.pad(images, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator)
@@ -222,7 +223,8 @@ class TensorLoader:
         std,
         train: bool,
         seed: int = 0,
-        augment_padding: int = 0,
+        augment: str = "none",
+        padding: int = 0,
         rank: int = 0,
         world: int = 1,
     ):
@@ -231,7 +233,7 @@ class TensorLoader:
         if train and len(data.labels) < batch_size:
             raise ValueError(f"the training set has {len(data.labels)} samples, fewer than one batch of {batch_size}")
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
-        self.padding, self.rank, self.world = augment_padding, rank, world
+        self.augment, self.padding, self.rank, self.world = augment != "none", padding, rank, world
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.epoch = 0
@@ -259,7 +261,7 @@ class TensorLoader:
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.data.images[idx]
-            if self.padding:
+            if self.augment:
                 gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + b)
                 images = augment_batch(images, self.padding, gen)
             mine = slice(self.rank * local, (self.rank + 1) * local)
@@ -343,7 +345,7 @@ def build_loaders(cfg, img_size: int, batch_size: int, seed: int, rank: int = 0,
     if train_set.images.shape[-1] != img_size:
         raise ValueError(f"model.img_size is {img_size} but {cfg.dataset} images are {train_set.images.shape[-1]} pixels")
     mean, std = NORMALIZATION[cfg.dataset]
-    padding = CROP_PADDING[cfg.dataset] if cfg.augment else 0
-    train = TensorLoader(train_set, batch_size, mean, std, True, seed, padding, rank, world)
-    test = TensorLoader(test_set, batch_size, mean, std, False, seed, 0, rank, world)
+    padding = CROP_PADDING[cfg.dataset] if cfg.augment == "crop_flip" else 0
+    train = TensorLoader(train_set, batch_size, mean, std, True, seed, cfg.augment, padding, rank, world)
+    test = TensorLoader(test_set, batch_size, mean, std, False, seed, rank=rank, world=world)
     return train, test, train_set.num_classes
