@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hiap_core.train import data
-from hiap_core.train.config import DataConfig
+from hiap_core.train.config import ConfigError, DataConfig, RunConfig
 
 FASHION = data.FASHION_MNIST_DIRS[0]
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (make data)")
@@ -146,6 +146,28 @@ def test_augmentation_is_a_padded_crop_with_optional_flip():
     for b in range(32):
         crops = [padded[b, :, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
         assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in crops)
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "flip", "none"])
+def test_augment_setting_picks_crop_flip_flip_only_or_nothing(augment):
+    images = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+    ds = data.ArrayDataset(images, torch.arange(64), 64)
+    loader = data.TensorLoader(ds, 64, (0.0,), (1.0,), True, seed=1, augment=augment, padding=2 if augment == "crop_flip" else 0)
+    batch, order = next(iter(loader))
+    source = images[order].float() / 255
+    same = [torch.equal(a, b) for a, b in zip(batch, source)]
+    flipped = [torch.equal(a, b.flip(-1)) for a, b in zip(batch, source)]
+    if augment == "none":
+        assert all(same)
+    elif augment == "flip":
+        assert all(s or f for s, f in zip(same, flipped)) and 0 < sum(flipped) < 64
+    else:
+        assert sum(s or f for s, f in zip(same, flipped)) < 32  # most samples are shifted
+
+
+def test_unknown_augment_is_refused_naming_the_choices():
+    with pytest.raises(ConfigError, match="data.augment.*crop_flip, flip, none"):
+        RunConfig(method="dense", data=DataConfig(augment="mixup")).validate()
 
 
 def test_loader_shards_global_batches_across_ranks_and_is_deterministic():

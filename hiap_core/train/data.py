@@ -1,9 +1,10 @@
 """Datasets: Fashion-MNIST (IDX), CIFAR-10 (python pickles), ImageNet (ImageFolder).
 
 Small datasets live in memory as uint8 tensors and are augmented in batches (`data.augment`:
-random crop with padding and horizontal flip, flip only, or none): no per-sample decoding in the training loop. Shuffling and augmentation
-are drawn from generators seeded by (seed, epoch, batch), so a run is deterministic, resumable at any
-epoch, and a DDP run sees the same global batches as a single process (each rank takes its slice).
+random crop with padding and horizontal flip, flip only, or none): no per-sample decoding in the
+training loop. Shuffling and augmentation are drawn from generators seeded by (seed, epoch, batch), so
+a run is deterministic, resumable at any epoch, and a DDP run sees the same global batches as a single
+process (each rank takes its slice).
 """
 
 from __future__ import annotations
