@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -348,3 +349,26 @@ def test_stage_groups_may_train_on_a_subset_and_profiles_merge(tmp_path):
     profiles.apply("paper", file)
     text = file.read_text()
     assert "# kept comment" in text and "dataset: cifar10" in text and "epochs: 200" in text
+
+
+@needs_fashion
+def test_gate_gradients_match_the_analytic_penalty_gradients(dense_run):
+    from hiap_core.core.cost import unit_costs
+    from hiap_core.measure.gate_gradients import gate_gradients, net_push
+
+    params = {**TINY, "hiap": {**TINY["hiap"], "init_logit": 2.0}}
+    grads = gate_gradients(params, dense_run[0], batches=2)
+    spec = hiap_core.load_pruned(dense_run[0] / "model").spec
+    costs, dense_prunable = unit_costs(spec), hiap_core.dense_prunable_macs(spec)
+    p = torch.sigmoid(torch.tensor(2.0)).item()
+    slope = p * (1 - p)  # d sigmoid / d logit at init_logit
+    by_kind = grads.groupby("kind")
+    assert by_kind.size().to_dict() == {"head": 2 * 2, "value": 2 * 32, "block": 2 * 1, "neuron": 2 * 64}
+    head, value, neuron = (by_kind.get_group(kind) for kind in ("head", "value", "neuron"))
+    assert head["macro"].tolist() == pytest.approx([costs.alpha * slope / dense_prunable] * 4, rel=1e-5)
+    assert head["micro"].tolist() == pytest.approx([costs.beta * 16 * p * slope / dense_prunable] * 4, rel=1e-5)
+    assert (value["macro"] == 0).all() and (neuron["macro"] == 0).all()
+    assert value["micro"].tolist() == pytest.approx([costs.beta * p * slope / dense_prunable] * 64, rel=1e-5)
+    assert grads["task"].map(math.isfinite).all() and (grads["task"] != 0).any()
+    push = net_push(grads, lambda_macro=1.0, lambda_micro=0.0, lambda_feas=0.0, scale=2.0)
+    assert push.tolist() == pytest.approx((grads["task"] + 2.0 * grads["macro"]).tolist())

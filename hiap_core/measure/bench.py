@@ -99,8 +99,9 @@ def bench_inference(macs_fractions: list[float], batches: dict[int, int]) -> lis
 
 
 def bench_train_loop(params: Path, rounds: int) -> dict:
-    """Loader alone (one full epoch) vs dense and HiAP training steps of the default study model, each step
-    with everything a run does (HiAP: teacher forward, penalties, feasibility, budget control)."""
+    """Loader alone (one full epoch) vs the training steps of the default study model, each with everything
+    a run does: dense (cross-entropy), KD (a baseline's fine-tune: plus the teacher forward) and HiAP (plus
+    penalties, feasibility, budget control); and the evaluation forward. Where a study run's time goes."""
     dense_cfg = config_from_params(params, "dense", {"progress": False})
     hiap_cfg = config_from_params(params, "hiap", {"progress": False, "teacher": "unused"})
     train_loader, _, _ = build_loaders(dense_cfg.data, dense_cfg.model.img_size, dense_cfg.optim.batch_size, 0)
@@ -132,7 +133,19 @@ def bench_train_loop(params: Path, rounds: int) -> dict:
 
         return step
 
-    times = alternate({"dense": step_fn(dense, dense_cfg, None, None), "hiap": step_fn(gated, hiap_cfg, teacher, pruner)}, rounds)
+    student, evaluated = copy.deepcopy(dense), copy.deepcopy(dense).eval()
+
+    def evaluate():
+        with torch.inference_mode():
+            evaluated(x)
+
+    steps = {
+        "dense": step_fn(dense, dense_cfg, None, None),
+        "kd": step_fn(student, hiap_cfg, teacher, None),
+        "hiap": step_fn(gated, hiap_cfg, teacher, pruner),
+        "eval": evaluate,
+    }
+    times = alternate(steps, rounds)
     per_s = {k: len(y) / statistics.median(v) for k, v in times.items()}
     m = dense_cfg.model
     return {
@@ -142,7 +155,9 @@ def bench_train_loop(params: Path, rounds: int) -> dict:
         "train_images": images,
         "loader_images_per_s": loader_images_per_s,
         "dense_step_images_per_s": per_s["dense"],
+        "kd_step_images_per_s": per_s["kd"],
         "hiap_step_images_per_s": per_s["hiap"],
+        "eval_images_per_s": per_s["eval"],
         "loader_over_hiap_step_speed": loader_images_per_s / per_s["hiap"],
         "dense_epoch_s": images / per_s["dense"],
         "hiap_epoch_s": images / per_s["hiap"],

@@ -59,19 +59,38 @@ def pareto_plot(table: pd.DataFrame):
     return fig
 
 
-def temperature_plot(tau0: float, tau_min: float, history: pd.DataFrame):
-    """The schedule per step, with the temperature each epoch of a run ended at."""
+def temperature_plot(tau0: float, tau_min: float, history: pd.DataFrame, search_steps: int):
+    """The schedule per step (annealed over the `search_steps` of the structure search, then held), with
+    the temperature each epoch of a run ended at."""
     steps_per_epoch = int(history["steps_per_epoch"].iloc[0])
     total = int(history["epoch"].max()) * steps_per_epoch
     steps = list(range(total + 1))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([s / steps_per_epoch for s in steps], [temperature_at(s, total, tau0, tau_min) for s in steps], label="schedule")
+    schedule = [temperature_at(s, search_steps, tau0, tau_min) for s in steps]
+    ax.plot([s / steps_per_epoch for s in steps], schedule, label="schedule")
+    ax.axvline(search_steps / steps_per_epoch, color="tab:gray", ls="--", label="search ends")
     ax.plot(history["epoch"], history["tau"], "o", label="run (end of epoch)")
     ax.legend()
     ax.set_xlabel("epoch")
     ax.set_ylabel("Gumbel-Sigmoid temperature")
     ax.set_title(f"Exponential annealing {tau0} -> {tau_min}")
     ax.grid(alpha=0.3)
+    return fig
+
+
+def learning_curve_plot(history: pd.DataFrame, title: str):
+    """Test accuracy (left) and train / test loss (right) per epoch of one run."""
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.5))
+    acc.plot(history["epoch"], 100 * history["test_acc"], "o-")
+    acc.set_ylabel("test accuracy (%)")
+    loss.plot(history["epoch"], history["train_loss"], "o-", label="train (augmented, label smoothing)")
+    loss.plot(history["epoch"], history["test_loss"], "o-", label="test")
+    loss.set_ylabel("loss")
+    loss.legend(fontsize=8)
+    for ax in (acc, loss):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     return fig
 
 
