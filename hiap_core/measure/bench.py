@@ -98,6 +98,24 @@ def bench_inference(macs_fractions: list[float], batches: dict[int, int]) -> lis
     return rows
 
 
+def _training_step(model, cfg, x, y, teacher=None, pruner=None):
+    """One full training step of a study run on the batch (x, y), as the engine takes it."""
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.gate_lr))
+    step_index = iter(range(10**9))
+
+    def step():
+        index = next(step_index)
+        if pruner is not None:
+            pruner.set_step(index)
+        opt.zero_grad(set_to_none=True)
+        step_loss(model, x, y, cfg, teacher, pruner)["loss"].backward()
+        opt.step()
+        if pruner is not None:
+            pruner.after_step(index)
+
+    return step
+
+
 def bench_train_loop(params: Path, rounds: int) -> dict:
     """Loader alone (one full epoch) vs the training steps of the default study model, each with everything
     a run does: dense (cross-entropy), KD (a baseline's fine-tune: plus the teacher forward) and HiAP (plus
@@ -117,22 +135,6 @@ def bench_train_loop(params: Path, rounds: int) -> dict:
     gated.train()
     x, y = next(iter(train_loader))
 
-    def step_fn(model, cfg, teacher_model, model_pruner):
-        opt = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.gate_lr))
-        step_index = iter(range(10**9))
-
-        def step():
-            index = next(step_index)
-            if model_pruner is not None:
-                model_pruner.set_step(index)
-            opt.zero_grad(set_to_none=True)
-            step_loss(model, x, y, cfg, teacher_model, model_pruner)["loss"].backward()
-            opt.step()
-            if model_pruner is not None:
-                model_pruner.after_step(index)
-
-        return step
-
     student, evaluated = copy.deepcopy(dense), copy.deepcopy(dense).eval()
 
     def evaluate():
@@ -140,9 +142,9 @@ def bench_train_loop(params: Path, rounds: int) -> dict:
             evaluated(x)
 
     steps = {
-        "dense": step_fn(dense, dense_cfg, None, None),
-        "kd": step_fn(student, hiap_cfg, teacher, None),
-        "hiap": step_fn(gated, hiap_cfg, teacher, pruner),
+        "dense": _training_step(dense, dense_cfg, x, y),
+        "kd": _training_step(student, hiap_cfg, x, y, teacher),
+        "hiap": _training_step(gated, hiap_cfg, x, y, teacher, pruner),
         "eval": evaluate,
     }
     times = alternate(steps, rounds)
