@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
 
 from ..core.baselines import prune_to_target
 from ..core.budget import InfeasibleBudget
@@ -263,6 +263,7 @@ class Trainer:
         self.pruner: Pruner | None = None
         self.history: list[dict] = []
         self.gate_rows: list[dict] = []
+        self.started, self.epochs_run = time.perf_counter(), 0  # this session's clock, for the time left
 
     def _log(self, message: str) -> None:
         if self.dist.main:
@@ -324,7 +325,7 @@ class Trainer:
                     "use another --out or delete the folder to start over"
                 )
             if changed:
-                self._log(f"{self.checkpoint} has another config ({', '.join(changed)}): starting over")
+                self._log(f"[{self.out.name}] {self.checkpoint} has another config ({', '.join(changed)}): starting over")
                 state = None
         if state is None:
             if self.pruner is not None and self.dist.main:
@@ -335,7 +336,7 @@ class Trainer:
         self.history, self.gate_rows = state["history"], state["gate_rows"]
         if self.pruner is not None:
             self.pruner.load_state_dict(state)
-        self._log(f"resuming {self.out} at epoch {state['epoch']}/{self.cfg.optim.epochs}")
+        self._log(f"[{self.out.name}] resuming {self.out} after epoch {state['epoch']}/{self.cfg.optim.epochs}")
         return state["epoch"]
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
@@ -408,10 +409,17 @@ class Trainer:
                 penalty_scale=pruner.penalty_scale,
             )
             self.gate_rows = self.gate_rows + gate_rows_for(self.model, epoch + 1)
-            gated = f" tau {pruner.tau:.3f} MACs {row['hard_macs'] / 1e6:.1f}M"
+            gated = f" tau {pruner.tau:.3f}"
         self.history = self.history + [row]
-        progress = f"[{cfg.method}] epoch {epoch + 1}/{cfg.optim.epochs}"
-        self._log(f"{progress} loss {row['train_loss']:.4f} acc {acc:.4f}{gated} ({train_time:.0f}s)")
+        self.epochs_run += 1
+        macs = row["hard_macs"] if pruner is not None else count_macs(self.model)
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.epochs_run * (cfg.optim.epochs - epoch - 1)
+        progress = f"[{self.out.name}] {cfg.method} epoch {epoch + 1}/{cfg.optim.epochs}"
+        self._log(
+            f"{progress} loss {row['train_loss']:.4f} acc {acc:.4f} MACs {macs / 1e6:.1f}M{gated} "
+            f"({train_time:.0f}s; {_clock(elapsed)} elapsed, ~{_clock(left)} left)"
+        )
 
     def _save_checkpoint(self, epoch: int) -> None:
         if not self.dist.main:
@@ -452,10 +460,15 @@ class Trainer:
             atomic_write(self.out / "summary.csv", lambda p: structure_summary(final).to_csv(p, index=False))
             atomic_write(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
             self._log(
-                f"[{cfg.method}] final: acc {acc:.4f}, {metrics['macs'] / 1e6:.2f}M MACs "
+                f"[{self.out.name}] {cfg.method} final: acc {acc:.4f}, {metrics['macs'] / 1e6:.2f}M MACs "
                 f"({metrics['reduction_pct']:.1f}% cut), {metrics['params'] / 1e6:.3f}M params -> {self.out}"
             )
         return metrics
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
 def final_metrics(cfg: RunConfig, final: nn.Module, acc: float, test_loss: float, history: list[dict]) -> dict:
