@@ -106,9 +106,16 @@ def test_stage_group_names_work_on_the_command_line_for_the_runs_own_stage():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("model.embed_dim", 0), ("model.embed_dim", -192), ("model.img_size", 0), ("model.in_chans", 0)],
+    [
+        ("model.embed_dim", 0),
+        ("model.embed_dim", -192),
+        ("model.img_size", 0),
+        ("model.in_chans", 0),
+        ("model.in_chans", 3),  # Fashion-MNIST is grey
+        ("model.img_size", 32),  # ... and 28 pixels
+    ],
 )
-def test_model_shapes_below_one_are_refused(field, value):
+def test_model_shapes_below_one_or_unlike_the_data_are_refused(field, value):
     assert f"{field} = {value}" in one_line_error(PARAMS, overrides={field: value})
 
 

@@ -17,6 +17,7 @@ from ..core.gated_vit import GATE_FORWARDS
 METHODS = ("dense", "hiap", "uniform", "l1_ffn", "torch_pruning", "finetune")  # finetune: the teacher, KD fine-tuned, unpruned
 COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
+IMAGES = {"fashion_mnist": (1, 28), "cifar10": (3, 32), "imagenet": (3, None)}  # (channels, side; None: resized)
 AUGMENTATIONS = ("crop_flip", "flip", "none")  # data.augment of the in-memory datasets (ImageNet: timm/DeiT's)
 
 
@@ -177,6 +178,16 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ),
         ("model.in_chans", cfg.model.in_chans >= 1, "must be >= 1"),
         ("model.embed_dim", cfg.model.embed_dim >= 1, "must be >= 1"),
+        (
+            "model.in_chans",
+            cfg.model.in_chans == IMAGES.get(cfg.data.dataset, (cfg.model.in_chans,))[0],
+            "must match the dataset's channels",
+        ),
+        (
+            "model.img_size",
+            IMAGES.get(cfg.data.dataset, (0, None))[1] in (None, cfg.model.img_size),
+            "must match the dataset's image size",
+        ),
         (
             "model.num_heads",
             cfg.model.num_heads >= 1 and cfg.model.embed_dim % cfg.model.num_heads == 0,
