@@ -112,7 +112,7 @@ def test_stage_group_names_work_on_the_command_line_for_the_runs_own_stage():
         ("model.img_size", 0),
         ("model.in_chans", 0),
         ("model.in_chans", 3),  # Fashion-MNIST is grey
-        ("model.img_size", 32),  # ... and 28 pixels
+        ("model.img_size", 35),  # ... and 28 pixels
     ],
 )
 def test_model_shapes_below_one_or_unlike_the_data_are_refused(field, value):
