@@ -20,13 +20,22 @@ DVC = str(Path(sys.executable).with_name("dvc"))
 
 
 def stage_definitions() -> dict[str, dict]:
-    """Each stage of `dvc.yaml` as DVC resolves it (foreach/matrix expanded, ${} filled in)."""
+    """Each stage of `dvc.yaml` as DVC resolves it (foreach/matrix expanded, ${} filled in), with the
+    params.yaml keys it tracks."""
     out = subprocess.run([DVC, "stage", "list", "--name-only"], cwd=ROOT, capture_output=True, text=True, check=True)
+    from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
     with Repo(str(ROOT)) as repo:
         stages = {s.addressing: s for s in repo.index.stages}
-        return {name: {"cmd": stages[name].cmd, "deps": [d.def_path for d in stages[name].deps]} for name in out.stdout.split()}
+        return {
+            name: {
+                "cmd": stages[name].cmd,
+                "deps": [d.def_path for d in stages[name].deps if not isinstance(d, ParamsDependency)],
+                "params": [key for d in stages[name].deps if isinstance(d, ParamsDependency) for key in d.params],
+            }
+            for name in out.stdout.split()
+        }
 
 
 def code_modules(cmd: str) -> set[str]:
@@ -48,6 +57,31 @@ def test_every_module_a_stage_imports_is_covered_by_its_deps():
         for module in closure(graph, code_modules(stage["cmd"])):
             path = str(files[module].relative_to(ROOT))
             assert any(path == d or path.startswith(d + "/") for d in deps), f"stage {name} runs {path}, not in its deps"
+
+
+def notebook_groups(notebook: Path) -> set[str]:
+    """The params.yaml groups a notebook reads: the keywords of its `study_params(...)` calls."""
+    cells = json.loads(notebook.read_text())["cells"]
+    tree = ast.parse("\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "study_params"]
+    return {keyword.arg for call in calls for keyword in call.keywords}
+
+
+def test_every_params_group_a_notebook_reads_is_tracked_by_its_stage():
+    """Notebooks read params.yaml themselves (nothing injected but a run's settings): a group a notebook
+    reads and its stage does not track would leave the stage stale when that group changes."""
+    checked = 0
+    for name, stage in stage_definitions().items():
+        words = shlex.split(stage["cmd"])
+        if "papermill" not in words:
+            continue
+        assert "-f" not in words and "--parameters_file" not in words, f"stage {name} injects a whole params file"
+        tracked = {key.split(".")[0] for key in stage["params"]}
+        notebook = ROOT / next(w for w in words if w.endswith(".ipynb"))
+        for group in notebook_groups(notebook):
+            assert group in tracked, f"stage {name}: {notebook.name} reads params.yaml's {group}, which the stage does not track"
+            checked += 1
+    assert checked > 0
 
 
 def placeholder_outputs(repo: Path) -> None:

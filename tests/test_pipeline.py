@@ -52,14 +52,27 @@ def enable_tiny_imagenet(repo: Path, tmp: Path) -> None:
         yaml.dump(params, f)
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="make data")
-def test_smoke_profile_reproduces_every_report(tmp_path):
-    repo = repo_copy(tmp_path / "repo")
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CI": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory) -> Path:
+    """A repository copy after a fresh `dvc repro` of the smoke profile: every run and report written once
+    for the tests of this module."""
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("make data")
+    tmp = tmp_path_factory.mktemp("smoke")
+    repo = repo_copy(tmp / "repo")
     profiles.apply("smoke", repo / "params.yaml")
-    enable_tiny_imagenet(repo, tmp_path)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CI": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+    enable_tiny_imagenet(repo, tmp)
+    result = subprocess.run(["dvc", "repro"], cwd=repo, env=ENV, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert re.search(r"\[dense\] dense epoch 1/1 .* acc .* MACs .* elapsed, ~.* left", result.stdout), "no progress line"
+    return repo
+
+
+def test_smoke_profile_reproduces_every_report(smoke_repo):
+    repo, env = smoke_repo, ENV
 
     readme = (repo / "reports" / "README.md").read_text()
     linked = re.findall(r"\]\(([^)]+)\)", readme)
@@ -71,6 +84,13 @@ def test_smoke_profile_reproduces_every_report(tmp_path):
         assert {"test_acc", "macs", "params"} <= set(json.loads(metrics.read_text()))
     for notebook in ("00_sizing", "02_report", "03_gate_evolution", "04_latency", "05_imagenet"):
         assert (repo / "reports" / "notebooks" / f"{notebook}.ipynb").stat().st_size > 0
+    for notebook in ("01_train_dense", "02_report", "03_gate_evolution", "04_latency", "06_cost_table", "07_budget_exact"):
+        executed = (repo / "reports" / "notebooks" / f"{notebook}.ipynb").read_text()
+        assert '"image/png"' in executed, f"the executed {notebook} shows no figure"
+        assert "TqdmWarning" not in executed and "IProgress" not in executed, f"the executed {notebook} warns about tqdm"
+    cells = json.loads((repo / "reports" / "notebooks" / "01_train_hiap_moderate_s0.ipynb").read_text())["cells"]
+    injected = "".join(next(c for c in cells if "injected-parameters" in c["metadata"].get("tags", []))["source"])
+    assert "run_name" in injected and "imagenet" not in injected and "data" not in injected, injected
 
     table2 = (repo / "reports" / "tables" / "table2_imagenet.md").read_text()
     assert "HiAP (this repo)" in table2 and "not run" not in table2
@@ -79,3 +99,25 @@ def test_smoke_profile_reproduces_every_report(tmp_path):
 
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
+
+
+def test_every_source_notebook_runs_all_without_parameters(smoke_repo, tmp_path):
+    """JupyterLab's Run All: each notebook in notebooks/, nothing injected, reads params.yaml itself and
+    runs top to bottom on the smoke runs (01 shows the finished dense run, it does not retrain it); the
+    report notebooks carry their figures as PNG outputs and no tqdm warning."""
+    import nbclient
+    import nbformat
+
+    repo = tmp_path / "repo"  # a copy: the notebooks rewrite reports, the other test checks dvc status
+    shutil.copytree(smoke_repo, repo, symlinks=True)
+    dense_checkpoint = (repo / "data" / "runs" / "dense" / "checkpoint.pt").stat().st_mtime_ns
+    for path in sorted((repo / "notebooks").glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
+        outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+        images = sum("image/png" in o.get("data", {}) for o in outputs)
+        stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+        assert "TqdmWarning" not in stderr and "IProgress" not in stderr, f"{path.name}: {stderr[-500:]}"
+        if path.stem in ("02_report", "03_gate_evolution", "07_budget_exact"):
+            assert images >= 2, f"{path.name} shows {images} figures"
+    assert (repo / "data" / "runs" / "dense" / "checkpoint.pt").stat().st_mtime_ns == dense_checkpoint

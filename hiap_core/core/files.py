@@ -13,6 +13,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the other users of a shared machine
     os.close(fd)
     try:
         write(Path(tmp))
@@ -21,3 +22,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, so set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -121,6 +121,9 @@ def check_vit(model: nn.Module) -> None:
         raise _unsupported("dynamic image size is not supported (MACs depend on a fixed token count)")
     if model.pos_embed is None:
         raise _unsupported("the model has no learned absolute position embedding")
+    prefix = int(model.cls_token is not None) + (0 if model.reg_token is None else model.reg_token.shape[1])
+    if getattr(model, "dist_token", None) is not None or model.num_prefix_tokens != prefix:
+        raise _unsupported("a distillation token (or other extra prefix token): its cost and extraction are not modelled")
     if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
         raise _unsupported(f"global_pool={model.global_pool!r}")
     if getattr(model, "pool_include_prefix", False):

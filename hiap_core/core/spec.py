@@ -17,13 +17,15 @@ class LayerSpec:
     # models pruned by other tools, e.g. Torch-Pruning's head dims, may)
 
     def __post_init__(self):
+        if not all(_is_int(h) and h >= 0 for h in self.heads) or len(set(self.heads)) != len(self.heads):
+            raise ValueError(f"LayerSpec: heads = {self.heads!r}: must be distinct head indices")
         if len(self.heads) != len(self.value_dims):
             raise ValueError("LayerSpec: heads and value_dims must have the same length")
-        if any(w < 1 for w in self.value_dims):
+        if not all(_is_int(w) and w >= 1 for w in self.value_dims):
             raise ValueError("LayerSpec: a live head needs at least one value dim")
-        if self.mlp_hidden is not None and self.mlp_hidden < 0:
+        if self.mlp_hidden is not None and not (_is_int(self.mlp_hidden) and self.mlp_hidden >= 0):
             raise ValueError("LayerSpec: mlp_hidden must be >= 0 or None")
-        if self.qk_dim is not None and self.qk_dim < 1:
+        if self.qk_dim is not None and not (_is_int(self.qk_dim) and self.qk_dim >= 1):
             raise ValueError("LayerSpec: qk_dim must be >= 1 or None")
 
 
@@ -54,6 +56,88 @@ class ViTSpec:
     fc2_bias: bool = True
     layer_scale: bool = False
 
+    def __post_init__(self):
+        """Every path (describe, load_pruned, count_macs) shares these checks: a tampered or mistyped spec is
+        refused here, naming the field, instead of counting wrong MACs or failing inside forward."""
+        rules = self._field_rules()
+        if all(holds for _, _, holds, _ in rules):  # the layers are compared with well-typed dense sizes
+            rules = self._layer_rules()
+        for name, value, holds, rule in rules:
+            if not holds:
+                raise ValueError(f"ViTSpec: {name} = {value!r}: {rule}")
+
+    def _field_rules(self) -> list[tuple[str, object, bool, str]]:
+        """(field, value, holds, rule) of every field but the layers' contents."""
+        pairs = all(
+            isinstance(p, tuple) and len(p) == 2 and all(_is_int(v) and v >= 1 for v in p)
+            for p in (self.img_size, self.patch_size)
+        )
+        multiple = pairs and not (self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1])
+        eps = self.norm_eps
+        rules = [
+            ("patch_size", self.patch_size, pairs, "img_size and patch_size must be pairs of ints >= 1"),
+            ("img_size", self.img_size, multiple, f"must be a multiple of patch_size {self.patch_size}"),
+            ("global_pool", self.global_pool, self.global_pool in GLOBAL_POOLS, f"must be one of {', '.join(GLOBAL_POOLS)}"),
+            (
+                "act_approximate",
+                self.act_approximate,
+                self.act_approximate in GELU_APPROXIMATIONS,
+                f"must be one of {', '.join(GELU_APPROXIMATIONS)}",
+            ),
+            (
+                "norm_eps",
+                eps,
+                isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1,
+                "must be a number in (0, 1)",
+            ),
+            (
+                "layers",
+                type(self.layers).__name__,
+                isinstance(self.layers, tuple) and all(isinstance(x, LayerSpec) for x in self.layers),
+                "must be a tuple of LayerSpec",
+            ),
+        ]
+        for name in ("in_chans", "embed_dim", "num_heads", "head_dim", "mlp_hidden_dense", "num_classes", "reg_tokens"):
+            least = 0 if name in ("num_classes", "reg_tokens") else 1
+            value = getattr(self, name)
+            rules.append((name, value, _is_int(value) and value >= least, f"must be an int >= {least}"))
+        for f in dataclasses.fields(self):
+            if f.type == "bool":
+                rules.append((f.name, getattr(self, f.name), isinstance(getattr(self, f.name), bool), "must be true or false"))
+        return rules
+
+    def _layer_rules(self) -> list[tuple[str, object, bool, str]]:
+        """Each layer within the dense model: live heads among its heads, widths within the dense ones."""
+        rules = []
+        for i, layer in enumerate(self.layers):
+            rules += [
+                (
+                    f"layers[{i}].heads",
+                    layer.heads,
+                    all(h < self.num_heads for h in layer.heads),
+                    f"must be < num_heads ({self.num_heads})",
+                ),
+                (
+                    f"layers[{i}].value_dims",
+                    layer.value_dims,
+                    all(w <= self.head_dim for w in layer.value_dims),
+                    f"must be <= head_dim ({self.head_dim})",
+                ),
+                (
+                    f"layers[{i}].qk_dim",
+                    layer.qk_dim,
+                    (layer.qk_dim or 0) <= self.head_dim,
+                    f"must be <= head_dim ({self.head_dim})",
+                ),
+                (
+                    f"layers[{i}].mlp_hidden",
+                    layer.mlp_hidden,
+                    (layer.mlp_hidden or 0) <= self.mlp_hidden_dense,
+                    f"must be <= mlp_hidden_dense ({self.mlp_hidden_dense})",
+                ),
+            ]
+        return rules
+
     @property
     def grid(self) -> tuple[int, int]:
         return self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1]
@@ -76,10 +160,7 @@ class ViTSpec:
         return dataclasses.replace(self, layers=(full,) * len(self.layers))
 
     def with_img_size(self, img_size) -> ViTSpec:
-        size = to_pair(img_size)
-        if size[0] % self.patch_size[0] or size[1] % self.patch_size[1]:
-            raise ValueError(f"img_size {size} is not a multiple of the patch size {self.patch_size}")
-        return dataclasses.replace(self, img_size=size)
+        return dataclasses.replace(self, img_size=to_pair(img_size))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,7 +173,7 @@ class ViTSpec:
             for layer in data.pop("layers")
         )
         for key in ("img_size", "patch_size"):
-            data[key] = tuple(data[key])
+            data[key] = to_pair(data[key])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -100,9 +181,18 @@ class ViTSpec:
         return cls(layers=layers, **data)
 
 
+GLOBAL_POOLS = ("token", "avg")
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def to_pair(value) -> tuple[int, int]:
-    """`7` or `(7, 7)` as `(7, 7)`."""
-    if isinstance(value, int):
+    """`7` or `(7, 7)` as `(7, 7)`; anything else is refused (ViTSpec checks the range)."""
+    if _is_int(value):
         return value, value
-    a, b = value
-    return int(a), int(b)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_int(v) for v in value):
+        return tuple(value)
+    raise ValueError(f"image and patch sizes must be an int or a pair of ints, got {value!r}")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
 
 
 def _time(fn) -> float:

@@ -4,6 +4,7 @@ names re-exported here (`from hiap_core import report`). Built on the core, `tra
 
 from ..train.paths import PROJECT_ROOT, REPORTS, RUNS
 from ..train.runs import run_metrics
+from . import explorer
 from .figures import (
     architecture_plot,
     budget_trajectory_plot,
@@ -30,6 +31,7 @@ __all__ = [
     "budget_table",
     "budget_trajectory_plot",
     "cost_table_plot",
+    "explorer",
     "gate_heatmaps",
     "latency_plot",
     "learning_curve_plot",

@@ -1,23 +1,25 @@
-"""The study's figures (matplotlib and seaborn); `save_figure` writes one to `reports/figures/`."""
+"""The study's figures (matplotlib and seaborn); `save_figure` writes one to `reports/figures/`.
+
+No backend is forced: in a notebook kernel (JupyterLab, papermill, nbclient) matplotlib's inline backend
+shows every figure a cell leaves open as a PNG output, so the executed notebooks carry their figures;
+without a display (scripts, tests) matplotlib falls back to Agg by itself."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from ..core.files import atomic_write  # noqa: E402
-from ..core.losses import temperature_at  # noqa: E402
-from ..core.spec import ViTSpec  # noqa: E402
-from ..train.paths import REPORTS, RUNS  # noqa: E402
+from ..core.files import atomic_write
+from ..core.losses import temperature_at
+from ..core.spec import ViTSpec
+from ..train.paths import REPORTS, RUNS
 
 
 def save_figure(fig, name: str) -> Path:
+    """Write `fig` to `reports/figures/<name>.png`; the figure stays open, so a notebook shows it too."""
     path = atomic_write(REPORTS / "figures" / f"{name}.png", lambda p: fig.savefig(p, dpi=120, bbox_inches="tight", format="png"))
     return path
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
 
 from ..core.cost import count_macs
 from ..core.export import INPUT as ONNX_INPUT, onnx_runtime
@@ -35,7 +35,7 @@ def onnx_runtimes(models: dict[str, PrunedViT], threads: int = 2) -> dict[str, t
     with tempfile.TemporaryDirectory() as tmp:
         return {
             name: onnx_runtime(model, Path(tmp) / f"{name}.onnx", threads)
-            for name, model in tqdm(models.items(), desc="ONNX export", leave=False)
+            for name, model in tqdm(models.items(), desc="ONNX export", leave=False, disable=None)
         }
 
 
@@ -50,7 +50,7 @@ def latency_table(
     for batch, runs in batches.items():
         x = torch.randn(batch, dense.spec.in_chans, *dense.spec.img_size)
         feed = {ONNX_INPUT: x.numpy()}
-        for name, model in tqdm(models.items(), desc=f"latency, batch {batch}", leave=False):
+        for name, model in tqdm(models.items(), desc=f"latency, batch {batch}", leave=False, disable=None):
             with torch.inference_mode():
                 ms = _median_ms(alternate({"dense": lambda: dense(x), "model": lambda m=model: m(x)}, runs, warmup=3))
             mac_ratio = count_macs(dense) / count_macs(model)

@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     except (ConfigError, DatasetError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a disk that fills up or a folder made read-only during the run
+        print(f"error: cannot write the run's files: {err}", file=sys.stderr)
+        return 2
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -4,6 +4,8 @@ reported as one line naming the field, before any data is read."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +17,16 @@ from ..core.gated_vit import GATE_FORWARDS
 METHODS = ("dense", "hiap", "uniform", "l1_ffn", "torch_pruning", "finetune")  # finetune: the teacher, KD fine-tuned, unpruned
 COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
+IMAGES = {"fashion_mnist": (1, 28), "cifar10": (3, 32), "imagenet": (3, None)}  # (channels, side; None: resized)
 AUGMENTATIONS = ("crop_flip", "flip", "none")  # data.augment of the in-memory datasets (ImageNet: timm/DeiT's)
 
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field."""
+
+
+# The dataclass defaults are params.yaml's values (`data`, `model`, the `dense` stage's optimiser and the `hiap`
+# group; tests/test_train.py keeps them equal): a params file that leaves a key out trains as the study does.
 
 
 @dataclass
@@ -38,7 +45,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "custom"  # "custom": a timm VisionTransformer from the fields below; else a timm model name
     img_size: int = 28
-    patch_size: int = 4
+    patch_size: int = 7
     in_chans: int = 1
     embed_dim: int = 192
     depth: int = 6
@@ -51,22 +58,22 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 5e-4
     min_lr: float = 1e-5
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     grad_clip: float = 1.0  # 0: off
-    gate_lr: float = 0.05  # learning rate of the gate logits (HiAP)
+    gate_lr: float = 0.1  # learning rate of the gate logits (HiAP; the `hiap` group's)
 
 
 @dataclass
 class HiAPConfig:
-    lambda_macro: float = 2.0
-    lambda_micro: float = 1.0
-    lambda_feas: float = 1.0
+    lambda_macro: float = 0.1
+    lambda_micro: float = 0.05
+    lambda_feas: float = 10.0
     tau0: float = 2.0
     tau_min: float = 0.5
     init_logit: float = 3.0
@@ -76,7 +83,7 @@ class HiAPConfig:
     kd_alpha: float = 0.5
     kd_temperature: float = 1.0
     cost: str = "macs"  # what the penalties (and a budget) measure: macs | latency (needs cost_table)
-    cost_table: str | None = None  # per-unit latency table JSON written by hiap_core.measure.cost_table
+    cost_table: str | None = "reports/tables/cost_table.json"  # per-unit latency table (hiap_core.measure.cost_table)
     target_latency: float | None = None  # budget-exact mode for cost latency: fraction of dense latency
     budget_lr: float = 0.1  # budget-exact mode: integral step on log(penalty scale) per unit of overshoot
     budget_gain: float = 20.0  # ... proportional: log(penalty scale) offset per unit of the current overshoot
@@ -117,6 +124,8 @@ def _fail(name: str, value, rule: str):
 
 
 def _check_types(obj, prefix: str) -> None:
+    """Refuse a value of the wrong type, naming the field; a number written as text (YAML 1.1 reads `1e-3` as a
+    string) or an integral float for an int field is stored as the number it is."""
     for f in dataclasses.fields(obj):
         value, name = getattr(obj, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
@@ -129,10 +138,27 @@ def _check_types(obj, prefix: str) -> None:
             if not optional:
                 _fail(name, value, "must be set")
             continue
+        value = _as_number(value, allowed)
+        setattr(obj, f.name, value)
         if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
             _fail(name, value, f"must be of type {f.type}")
         if isinstance(value, float) and not math.isfinite(value):
             _fail(name, value, "must be finite")
+
+
+def _as_number(value, allowed: tuple[type, ...]):
+    """`value` as the number it spells for a numeric field (text `float()` parses, an integral float for an
+    int field); anything else unchanged, for the type check to refuse."""
+    if int not in allowed or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if float not in allowed and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
@@ -151,6 +177,17 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
             "must divide model.img_size",
         ),
         ("model.in_chans", cfg.model.in_chans >= 1, "must be >= 1"),
+        ("model.embed_dim", cfg.model.embed_dim >= 1, "must be >= 1"),
+        (
+            "model.in_chans",
+            cfg.model.in_chans == IMAGES.get(cfg.data.dataset, (cfg.model.in_chans,))[0],
+            "must match the dataset's channels",
+        ),
+        (
+            "model.img_size",
+            IMAGES.get(cfg.data.dataset, (0, None))[1] in (None, cfg.model.img_size),
+            "must match the dataset's image size",
+        ),
         (
             "model.num_heads",
             cfg.model.num_heads >= 1 and cfg.model.embed_dim % cfg.model.num_heads == 0,
@@ -234,6 +271,7 @@ def _validate(cfg: RunConfig) -> None:
         _fail("model.name", cfg.model.name, "is not a timm model name (or 'custom')")
 
 
+@functools.cache
 def _timm_models() -> set[str]:
     from ..core import torchvision_compat  # noqa: F401
     import timm
@@ -248,64 +286,161 @@ def _get(cfg, dotted: str):
     return value
 
 
-def _coerce(text: str):
-    return yaml.safe_load(text)
+def _names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+STAGE_GROUPS = {  # the params.yaml group each method's optimiser settings come from
+    "dense": "dense",
+    "hiap": "hiap",
+    "uniform": "baselines",
+    "l1_ffn": "baselines",
+    "torch_pruning": "baselines",
+    "finetune": "baselines",
+}
+SECTIONS = ("data", "model", "optim", "hiap")
+_STAGE_DATA_KEYS = ("train_subset", "augment")  # a stage may train on a subset of the shared data
+_RUN_KEYS = ("seed", "teacher", "target_macs", "progress", "out")
+_STAGE_KEYS = (*_names(OptimConfig), *_names(HiAPConfig), *_STAGE_DATA_KEYS, *_RUN_KEYS)
+
+
+def _leaves(*names: str) -> dict:
+    """Schema of a mapping whose keys hold plain values (checked where they are used)."""
+    return dict.fromkeys(names)
+
+
+# Every key params.yaml may hold: a dict is a mapping with these keys ("*": any name), None a value.
+PARAMS_SCHEMA = {
+    "data": _leaves(*_names(DataConfig)),
+    "model": _leaves(*_names(ModelConfig)),
+    "dense": _leaves(*_STAGE_KEYS),
+    "hiap": _leaves(*_STAGE_KEYS),
+    "baselines": _leaves(*_STAGE_KEYS, "methods"),
+    "seeds": None,
+    "budgets": {"*": _leaves("target_macs")},
+    "ablation": _leaves("budget", "gate_forward"),
+    "latency_target": _leaves("target"),
+    "cost_table": _leaves("batch_size", "threads", "fit_models", "eval_models", "runs", "seed"),
+    "sweep": {**_leaves("target_macs", "epochs", "train_subset"), "ratios": {"*": _leaves("lambda_macro", "lambda_micro")}},
+    "gate_evolution": _leaves("run", "compare_with"),
+    "latency": _leaves("batch1_runs", "batch64_runs", "versus_runs", "threads"),
+    "bench": _leaves("threads", "train_batch", "train_rounds", "batch1_runs", "batch64_runs"),
+    "imagenet": {
+        **_leaves("enabled", "nproc_per_node"),
+        "data": _leaves(*_names(DataConfig)),
+        "model": _leaves(*_names(ModelConfig)),
+        "hiap": _leaves(*_STAGE_KEYS),
+    },
+}
+
+
+def _did_you_mean(key, names, prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(key), [n for n in names if n != "*"], n=1)
+    return f": did you mean {prefix}{close[0]}?" if close else f" (valid: {', '.join(sorted(names))})"
+
+
+def check_params(params, schema: dict = PARAMS_SCHEMA, prefix: str = "") -> None:
+    """Refuse a params key the schema does not know, naming the closest valid one, and a group that is not a
+    mapping: a typo must not leave a setting at its default without a word."""
+    if not isinstance(params, dict):
+        where = prefix.rstrip(".") or "the params file"
+        raise ConfigError(f"invalid params: {where} must be a mapping of names to values, got {params!r}")
+    for key, value in params.items():
+        if key not in schema and "*" not in schema:
+            raise ConfigError(f"invalid params: unknown key {prefix}{key}{_did_you_mean(key, schema, prefix)}")
+        inner = schema.get(key, schema.get("*"))
+        if inner is not None and value is not None:
+            check_params(value, inner, f"{prefix}{key}.")
+
+
+def _stage_field(key: str) -> str:
+    """The config field a stage group's `key` sets (`epochs` -> `optim.epochs`)."""
+    for section, cls in (("optim", OptimConfig), ("hiap", HiAPConfig)):
+        if key in _names(cls):
+            return f"{section}.{key}"
+    return f"data.{key}" if key in _STAGE_DATA_KEYS else key
+
+
+def _resolve(cfg: RunConfig, key: str) -> tuple[object, str]:
+    """The dataclass and field that `key` sets. A params.yaml stage group (`dense.epochs`) stands for the
+    field its key maps onto, when it is the run's own stage."""
+    section, _, name = key.rpartition(".")
+    if section in STAGE_GROUPS.values() and not (section == "hiap" and name in _names(HiAPConfig)):
+        stage = STAGE_GROUPS.get(cfg.method)
+        if name not in _STAGE_KEYS:
+            raise ConfigError(f"invalid config: unknown field {key!r}{_did_you_mean(name, _STAGE_KEYS, f'{section}.')}")
+        if section != stage:
+            raise ConfigError(
+                f"invalid config: {key!r} belongs to the {section} stage; method {cfg.method} reads the {stage} "
+                f"group: set {_stage_field(name)}"
+            )
+        section, _, name = _stage_field(name).rpartition(".")
+    if section and section not in SECTIONS:
+        raise ConfigError(f"invalid config: unknown section {key!r}{_did_you_mean(section, SECTIONS)}")
+    target = getattr(cfg, section) if section else cfg
+    fields = [n for n in _names(type(target)) if not dataclasses.is_dataclass(getattr(target, n))]
+    if name not in fields:
+        raise ConfigError(f"invalid config: unknown field {key!r}{_did_you_mean(name, fields, section + '.' if section else '')}")
+    return target, name
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str] | dict) -> RunConfig:
-    """Apply `section.field=value` overrides (values parsed as YAML); unknown fields are errors."""
-    items = overrides.items() if isinstance(overrides, dict) else (o.split("=", 1) if "=" in o else (o, None) for o in overrides)
+    """Apply `section.field=value` overrides (text values parsed as YAML); unknown fields are errors."""
+    if isinstance(overrides, dict):
+        items = overrides.items()
+    else:
+        items = []
+        for text in overrides:
+            key, sep, value = text.partition("=")
+            if not sep:
+                raise ConfigError(f"invalid override {text!r}: expected field=value")
+            items.append((key, _parse_value(key, value)))
     for key, value in items:
-        if value is None and not isinstance(overrides, dict):
-            raise ConfigError(f"invalid override {key!r}: expected field=value")
-        *path, last = key.split(".")
-        target = cfg
-        for part in path:
-            if not hasattr(target, part) or not dataclasses.is_dataclass(getattr(target, part)):
-                raise ConfigError(f"invalid config: unknown section {key!r}")
-            target = getattr(target, part)
-        if not dataclasses.is_dataclass(target) or last not in {f.name for f in dataclasses.fields(target)}:
-            raise ConfigError(f"invalid config: unknown field {key!r}")
-        setattr(target, last, _coerce(value) if isinstance(value, str) and not isinstance(overrides, dict) else value)
+        target, name = _resolve(cfg, key)
+        setattr(target, name, value)
     return cfg
+
+
+def _parse_value(key: str, text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid override {key}={text!r}: not a YAML value ({str(err).splitlines()[0]})") from err
+
+
+def load_params(path: str | Path) -> dict:
+    """params.yaml as a dict; a missing file, malformed YAML or a non-mapping is one line naming the place."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"params file {where}: malformed YAML: {problem}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"params file {path}: cannot be read ({err})") from err
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"params file {path} must be a mapping of groups (data, model, ...), got {type(params).__name__}")
+    return params or {}
 
 
 def config_from_params(params: dict | str | Path, method: str, overrides: dict | list | None = None) -> RunConfig:
     """Build a run config from `params.yaml`: shared `data`, `model`, `hiap` groups, and the optimiser
     settings (and optionally `train_subset` / `augment`) of the stage group named after the method
-    (`dense`, `hiap`, `baselines`)."""
-    if not isinstance(params, dict):
-        path = Path(params)
-        if not path.is_file():
-            raise ConfigError(f"params file {path} not found")
-        params = yaml.safe_load(path.read_text()) or {}
-    cfg = RunConfig(method=method)
-    stage = {
-        "dense": "dense",
-        "hiap": "hiap",
-        "uniform": "baselines",
-        "l1_ffn": "baselines",
-        "torch_pruning": "baselines",
-        "finetune": "baselines",
-    }.get(method)
+    (`dense`, `hiap`, `baselines`). Every key is checked against `PARAMS_SCHEMA` first."""
+    params = params if isinstance(params, dict) else load_params(params)
+    check_params(params)
+    stage = STAGE_GROUPS.get(method)
     if stage is None:
         raise ConfigError(f"invalid config: method = {method!r}: must be one of {', '.join(METHODS)}")
+    cfg = RunConfig(method=method)
     flat = {}
     for section in ("data", "model"):
         flat.update({f"{section}.{k}": v for k, v in (params.get(section) or {}).items()})
-    optim_fields = {f.name for f in dataclasses.fields(OptimConfig)}
-    hiap_fields = {f.name for f in dataclasses.fields(HiAPConfig)}
-    data_fields = {"train_subset", "augment"}  # a stage may train on a subset of the shared data
-    run_fields = {"seed", "teacher", "target_macs", "progress", "out"}
-    for key, value in (params.get(stage) or {}).items():
-        if key in optim_fields:
-            flat[f"optim.{key}"] = value
-        elif key in hiap_fields:
-            flat[f"hiap.{key}"] = value
-        elif key in data_fields:
-            flat[f"data.{key}"] = value
-        elif key in run_fields:
-            flat[key] = value
+    flat.update({_stage_field(k): v for k, v in (params.get(stage) or {}).items() if k != "methods"})
     if stage != "hiap":  # KD settings are shared by every distilled run
         flat.update({f"hiap.{k}": v for k, v in (params.get("hiap") or {}).items() if k in ("kd_alpha", "kd_temperature")})
     apply_overrides(cfg, flat)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.files import atomic_write
+from .config import ConfigError
 from .paths import RAW_DATA
 
 
@@ -232,7 +233,10 @@ class TensorLoader:
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
         if train and len(data.labels) < batch_size:
-            raise ValueError(f"the training set has {len(data.labels)} samples, fewer than one batch of {batch_size}")
+            raise ConfigError(
+                f"invalid config: optim.batch_size = {batch_size}: the training set has {len(data.labels)} images "
+                "(data.train_subset), fewer than one batch"
+            )
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
         self.augment, self.padding, self.rank, self.world = augment != "none", padding, rank, world
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
@@ -343,8 +347,6 @@ def build_loaders(cfg, img_size: int, batch_size: int, seed: int, rank: int = 0,
         load = lambda split: load_cifar10(split, cfg.root, cfg.download, cfg.checksum)  # noqa: E731
     train_set = load("train").subset(cfg.train_subset, seed)
     test_set = load("test").subset(cfg.test_subset, seed)
-    if train_set.images.shape[-1] != img_size:
-        raise ValueError(f"model.img_size is {img_size} but {cfg.dataset} images are {train_set.images.shape[-1]} pixels")
     mean, std = NORMALIZATION[cfg.dataset]
     padding = CROP_PADDING[cfg.dataset] if cfg.augment == "crop_flip" else 0
     train = TensorLoader(train_set, batch_size, mean, std, True, seed, cfg.augment, padding, rank, world)

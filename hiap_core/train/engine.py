@@ -17,6 +17,8 @@ import copy
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
 
 from ..core.baselines import prune_to_target
 from ..core.budget import InfeasibleBudget
@@ -42,7 +44,10 @@ from .data import build_loaders
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+    """The loss, the weights or a test metric became NaN/inf; the last good checkpoint is kept, no model saved."""
+
+
+MIN_FREE_BYTES = 64 * 2**20  # below this a checkpoint (model + Adam moments) of the study's models may not fit
 
 
 @dataclass
@@ -125,7 +130,10 @@ def load_teacher(cfg: RunConfig) -> nn.Module:
     folder = Path(cfg.teacher) / "model"
     if not folder.is_dir():
         raise ConfigError(f"teacher = {cfg.teacher!r}: {folder} not found; run the dense stage first (method dense)")
-    return load_pruned(folder)
+    try:
+        return load_pruned(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"teacher = {cfg.teacher!r}: {err}; rerun the dense stage (method dense)") from err
 
 
 def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
@@ -138,7 +146,8 @@ def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
         try:
             dense.load_state_dict(teacher.state_dict())
         except RuntimeError as err:
-            raise ConfigError(f"teacher = {cfg.teacher!r} does not match the model config: {str(err).splitlines()[0]}") from err
+            first = next(line.strip() for line in str(err).splitlines()[1:] if line.strip())  # line 0 is a header
+            raise ConfigError(f"teacher = {cfg.teacher!r} does not match the model config: {first}") from err
     if cfg.method in ("hiap", "finetune"):
         return dense
     return prune_to_target(dense.eval(), cfg.method, cfg.target_macs)
@@ -215,20 +224,29 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, dist: Dist) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader, dist: Dist, show: bool = False) -> tuple[float, float]:
     """(top-1 accuracy, mean cross-entropy) over the whole test set (summed over ranks)."""
     was_training = model.training
     model.eval()
     correct = loss = count = 0.0
-    for x, y in loader:
-        x, y = x.to(dist.device), y.to(dist.device)
-        logits = model(x)
-        correct += float((logits.argmax(dim=1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        count += len(y)
+    with tqdm(loader, desc="evaluating", disable=not show, leave=False) as batches:  # closed on errors too
+        for x, y in batches:
+            x, y = x.to(dist.device), y.to(dist.device)
+            logits = model(x)
+            correct += float((logits.argmax(dim=1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            count += len(y)
     model.train(was_training)
     correct, loss, count = dist.all_sum([correct, loss, count])
     return correct / count, loss / count
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """A config dict as {"optim.lr": 0.001, ...}: a changed config is reported field by field."""
+    flat = {}
+    for key, value in config.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def _write_reports(out: Path, history: list[dict], gate_rows: list[dict], budget_rows: list[dict]) -> None:
@@ -263,12 +281,14 @@ class Trainer:
         self.pruner: Pruner | None = None
         self.history: list[dict] = []
         self.gate_rows: list[dict] = []
+        self.started, self.epochs_run = time.perf_counter(), 0  # this session's clock, for the time left
 
     def _log(self, message: str) -> None:
         if self.dist.main:
             print(message, flush=True)
 
     def run(self) -> dict:
+        self._check_out_writable()
         self._prepare()
         start = self._resume()
         self.net = self.model
@@ -277,12 +297,25 @@ class Trainer:
             # gates frozen after the search get no gradient: DDP must not wait for one
             frozen_later = self.pruner is not None and self.pruner.search_steps < self.pruner.total_steps
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=frozen_later)
-        self.out.mkdir(parents=True, exist_ok=True)
         for epoch in range(start, self.cfg.optim.epochs):
             sums, train_time = self._train_epoch(epoch)
             self._end_epoch(epoch, sums, train_time)
             self._save_checkpoint(epoch)
         return self._finish()
+
+    def _check_out_writable(self) -> None:
+        """Refuse a folder that cannot be written, or has no room for a checkpoint, before any training."""
+        if not self.dist.main:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.out):
+                pass
+            free = shutil.disk_usage(self.out).free
+        except OSError as err:
+            raise ConfigError(f"out = {str(self.out)!r}: cannot write there ({err.strerror or err})") from err
+        if free < MIN_FREE_BYTES:
+            raise ConfigError(f"out = {str(self.out)!r}: only {free / 2**20:.0f} MiB free; checkpoints need room")
 
     def _prepare(self) -> None:
         """Data, teacher, model (gated by the pruner for HiAP), optimizer and schedule lengths."""
@@ -311,20 +344,17 @@ class Trainer:
 
     def _resume(self) -> int:
         """Load the checkpoint of this config, if any; returns the first epoch to train."""
-        state = (
-            torch.load(self.checkpoint, map_location=self.dist.device, weights_only=False) if self.checkpoint.is_file() else None
-        )
+        state = self._load_checkpoint()
         if state is not None:
-            saved = {k: v for k, v in state["config"].items() if k not in ("out", "progress")}
-            now = {k: v for k, v in self.cfg.to_dict().items() if k not in ("out", "progress")}
-            changed = sorted(k for k in now if saved.get(k) != now[k])
+            saved, now = _flat(state["config"]), _flat(self.cfg.to_dict())
+            changed = sorted(k for k in now.keys() | saved.keys() if k not in ("out", "progress") and saved.get(k) != now.get(k))
             if changed and not self.restart_on_config_change:
                 raise ConfigError(
                     f"{self.checkpoint} was written with a different config ({', '.join(changed)}): "
                     "use another --out or delete the folder to start over"
                 )
             if changed:
-                self._log(f"{self.checkpoint} has another config ({', '.join(changed)}): starting over")
+                self._log(f"[{self.out.name}] {self.checkpoint} has another config ({', '.join(changed)}): starting over")
                 state = None
         if state is None:
             if self.pruner is not None and self.dist.main:
@@ -335,60 +365,90 @@ class Trainer:
         self.history, self.gate_rows = state["history"], state["gate_rows"]
         if self.pruner is not None:
             self.pruner.load_state_dict(state)
-        self._log(f"resuming {self.out} at epoch {state['epoch']}/{self.cfg.optim.epochs}")
+        self._log(f"[{self.out.name}] resuming {self.out} after epoch {state['epoch']}/{self.cfg.optim.epochs}")
         return state["epoch"]
+
+    def _load_checkpoint(self) -> dict | None:
+        """The checkpoint's state; None without one. An unreadable one (written by something other than this
+        engine, whose writes are atomic) is moved aside and the run starts over in pipelines, refused otherwise."""
+        if not self.checkpoint.is_file():
+            return None
+        try:
+            return torch.load(self.checkpoint, map_location=self.dist.device, weights_only=False)
+        except Exception as err:  # torch raises many types for a truncated or foreign file
+            why = f"{self.checkpoint} is corrupt or not a checkpoint ({type(err).__name__})"
+            if not self.restart_on_config_change:
+                raise ConfigError(f"{why}: delete it to start the run over, or use another --out") from err
+        if self.dist.main:
+            self.checkpoint.replace(self.checkpoint.with_suffix(".pt.corrupt"))
+        self._log(f"{why}: moved to {self.checkpoint.name}.corrupt, starting over")
+        return None
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
         """One pass over the training data; returns the summed loss terms and the wall time."""
-        cfg, pruner = self.cfg, self.pruner
+        cfg = self.cfg
         start = time.perf_counter()
         self.train_loader.set_epoch(epoch)
         self.net.train()
         sums: dict[str, float] = {}
-        batches = tqdm(
-            self.train_loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.optim.epochs}", disable=not self.show, leave=False
-        )
-        for i, (x, y) in enumerate(batches):
-            step = epoch * self.steps_per_epoch + i
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # gate noise and dropout: same on every rank, resumable
-            factor = lr_factor(step, self.total_steps, self.warmup, cfg.optim.min_lr / cfg.optim.lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            if pruner is not None:
-                pruner.set_step(step)
-            x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
-            terms = step_loss(self.net, x, y, cfg, self.teacher, pruner)
-            self._check_finite(terms, epoch, i)
-            self.optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            if cfg.optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-            if pruner is not None:
-                pruner.after_step(step)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            if self.show:
-                batches.set_postfix(loss=f"{float(terms['loss']):.3f}")
+        desc = f"{cfg.method} epoch {epoch + 1}/{cfg.optim.epochs}"
+        with tqdm(self.train_loader, desc=desc, disable=not self.show, leave=False) as batches:  # closed on errors too
+            for i, (x, y) in enumerate(batches):
+                loss = self._train_step(epoch, i, x, y, sums)
+                if self.show:
+                    batches.set_postfix(loss=f"{loss:.3f}")
         return sums, time.perf_counter() - start
 
+    def _train_step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor, sums: dict[str, float]) -> float:
+        """One optimiser step on batch `i` of `epoch`; adds its loss terms to `sums`, returns the loss."""
+        cfg, pruner = self.cfg, self.pruner
+        step = epoch * self.steps_per_epoch + i
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # gate noise and dropout: same on every rank, resumable
+        factor = lr_factor(step, self.total_steps, self.warmup, cfg.optim.min_lr / cfg.optim.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        if pruner is not None:
+            pruner.set_step(step)
+        x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
+        terms = step_loss(self.net, x, y, cfg, self.teacher, pruner)
+        self._check_finite(terms, epoch, i)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        if pruner is not None:
+            pruner.after_step(step)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        return float(terms["loss"].detach())
+
     def _check_finite(self, terms: dict[str, torch.Tensor], epoch: int, batch: int) -> None:
-        if torch.isfinite(terms["loss"]):
+        if torch.isfinite(terms["loss"].detach()):
             return
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        self._diverged(f"non-finite loss at epoch {epoch + 1}, step {batch} ({values})")
+
+    def _check_epoch_finite(self, epoch: int, test_loss: float) -> None:
+        """Weights blown up by an epoch's last steps show in its test loss or parameters, not in its losses:
+        such an epoch is never checkpointed, so every checkpoint kept is a good one."""
+        weights = all(bool(torch.isfinite(p.detach()).all()) for p in self.model.parameters())
+        if not (weights and math.isfinite(test_loss)):
+            self._diverged(f"non-finite weights or test loss after epoch {epoch + 1} (test_loss={test_loss:.4g})")
+
+    def _diverged(self, what: str) -> None:
         kept = (
             f"the last good checkpoint {self.checkpoint} is kept"
             if self.checkpoint.is_file()
             else "no checkpoint was written yet"
         )
-        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-        raise TrainingDiverged(
-            f"non-finite loss at epoch {epoch + 1}, step {batch} ({values}); {kept}. Lower optim.lr or the lambdas."
-        )
+        raise TrainingDiverged(f"{what}; {kept}, no model saved. Lower optim.lr or the lambdas.")
 
     def _end_epoch(self, epoch: int, sums: dict[str, float], train_time: float) -> None:
         """Evaluate, append the history row (and the gate state), log one line."""
         cfg, pruner = self.cfg, self.pruner
-        acc, test_loss = evaluate(self.model, self.test_loader, self.dist)
+        acc, test_loss = evaluate(self.model, self.test_loader, self.dist, self.show)
+        self._check_epoch_finite(epoch, test_loss)
         row = {
             "epoch": epoch + 1,
             **{f"train_{k}": v / self.steps_per_epoch for k, v in sums.items()},
@@ -408,10 +468,17 @@ class Trainer:
                 penalty_scale=pruner.penalty_scale,
             )
             self.gate_rows = self.gate_rows + gate_rows_for(self.model, epoch + 1)
-            gated = f" tau {pruner.tau:.3f} MACs {row['hard_macs'] / 1e6:.1f}M"
+            gated = f" tau {pruner.tau:.3f}"
         self.history = self.history + [row]
-        progress = f"[{cfg.method}] epoch {epoch + 1}/{cfg.optim.epochs}"
-        self._log(f"{progress} loss {row['train_loss']:.4f} acc {acc:.4f}{gated} ({train_time:.0f}s)")
+        self.epochs_run += 1
+        macs = row["hard_macs"] if pruner is not None else count_macs(self.model)
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.epochs_run * (cfg.optim.epochs - epoch - 1)
+        progress = f"[{self.out.name}] {cfg.method} epoch {epoch + 1}/{cfg.optim.epochs}"
+        self._log(
+            f"{progress} loss {row['train_loss']:.4f} acc {acc:.4f} MACs {macs / 1e6:.1f}M{gated} "
+            f"({train_time:.0f}s; {_clock(elapsed)} elapsed, ~{_clock(left)} left)"
+        )
 
     def _save_checkpoint(self, epoch: int) -> None:
         if not self.dist.main:
@@ -441,7 +508,9 @@ class Trainer:
             final = extract(gate_vit(copy.deepcopy(self.model)))  # the same weights as a plain PrunedViT
         else:
             final = self.model
-        acc, test_loss = evaluate(final, self.test_loader, self.dist)
+        acc, test_loss = evaluate(final, self.test_loader, self.dist, self.show)
+        if not math.isfinite(test_loss):
+            self._diverged(f"non-finite test loss of the final model ({test_loss})")
         metrics = final_metrics(cfg, final, acc, test_loss, self.history)
         if self.pruner is not None:
             metrics["structure"] = self.pruner.summary()
@@ -450,12 +519,17 @@ class Trainer:
         if self.dist.main:
             save_pruned(final, self.out / "model")
             atomic_write(self.out / "summary.csv", lambda p: structure_summary(final).to_csv(p, index=False))
-            atomic_write(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+            atomic_write(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2, allow_nan=False)))
             self._log(
-                f"[{cfg.method}] final: acc {acc:.4f}, {metrics['macs'] / 1e6:.2f}M MACs "
+                f"[{self.out.name}] {cfg.method} final: acc {acc:.4f}, {metrics['macs'] / 1e6:.2f}M MACs "
                 f"({metrics['reduction_pct']:.1f}% cut), {metrics['params'] / 1e6:.3f}M params -> {self.out}"
             )
         return metrics
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
 def final_metrics(cfg: RunConfig, final: nn.Module, acc: float, test_loss: float, history: list[dict]) -> dict:

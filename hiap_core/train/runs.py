@@ -18,11 +18,17 @@ REPORT_FILES = (
 )
 
 
-def study_run(params: dict, method: str, name: str, overrides: dict | None = None) -> dict:
-    """Train or resume `data/runs/<name>` (restarting it when its params changed) and copy its metrics,
-    history, gate states and budget trajectory to `reports/metrics/<name>*`; returns the metrics."""
+def study_run(params: dict, method: str, name: str, overrides: dict | None = None, restart_changed: bool = True) -> dict:
+    """Train or resume `data/runs/<name>` and copy its metrics, history, gate states and budget trajectory
+    to `reports/metrics/<name>*`; returns the metrics. `restart_changed` (the DVC stages): a run whose
+    params changed starts over. Without it (a notebook run by hand) a finished run is kept as it is and
+    shown, never retrained, and an unfinished one written with other params is refused."""
     cfg = config_from_params(params, method, {"out": str(RUNS / name), **(overrides or {})})
-    metrics = Trainer(cfg, restart_on_config_change=True).run()
+    if not restart_changed and (RUNS / name / "metrics.json").is_file():
+        print(f"{name}: finished run kept as it is ({RUNS / name}); `dvc repro` retrains it if its params changed")
+        metrics = run_metrics(name)
+    else:
+        metrics = Trainer(cfg, restart_on_config_change=restart_changed).run()
     for source, target in REPORT_FILES:
         if (RUNS / name / source).is_file():
             atomic_write(REPORTS / "metrics" / target.format(name), lambda p, s=source: shutil.copyfile(RUNS / name / s, p))

@@ -1,0 +1,30 @@
+"""What a notebook reads from `params.yaml`. The study's notebooks name the groups they use in their
+parameters cell with the value None; `study_params` fills each None from `params.yaml`, so "Run All" in
+JupyterLab works with no injected parameters, and a value papermill injects (`-p`, `-y`) wins over the file.
+The DVC stages inject no groups: each notebook reads the groups it names, and `tests/test_dvc.py` checks
+that its stage tracks them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .paths import PARAMS
+
+
+def read_params(path: Path = PARAMS) -> dict:
+    """The whole of `params.yaml` (the project's, anchored at its root)."""
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def study_params(path: Path = PARAMS, **groups) -> tuple:
+    """The value of each named top-level key of `params.yaml`, in the order given, unless the caller
+    already holds one (not None): `data, model = study_params(data=data, model=model)`. An unknown key
+    is an error naming it, not a silent empty group."""
+    missing = [name for name, value in groups.items() if value is None]
+    params = read_params(path) if missing else {}
+    unknown = [name for name in missing if name not in params]
+    if unknown:
+        raise KeyError(f"{path} has no {', '.join(unknown)} (its keys: {', '.join(params)})")
+    return tuple(params[name] if value is None else value for name, value in groups.items())
