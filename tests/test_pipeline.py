@@ -45,7 +45,13 @@ def enable_tiny_imagenet(repo: Path, tmp: Path) -> None:
         "enabled": True,
         "nproc_per_node": 2,
         "data": {"dataset": "imagenet", "root": str(folder), "workers": 0},
-        "model": {"name": "deit_tiny_patch16_224", "img_size": 32, "num_classes": 3, "pretrained": str(tmp / "deit_tiny.pth")},
+        "model": {
+            "name": "deit_tiny_patch16_224",
+            "img_size": 32,
+            "in_chans": 3,
+            "num_classes": 3,
+            "pretrained": str(tmp / "deit_tiny.pth"),
+        },
         "hiap": {"epochs": 1, "batch_size": 4, "lr": 0.0005, "warmup_epochs": 0},
     }
     with (repo / "params.yaml").open("w") as f:

@@ -173,8 +173,8 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("model.img_size", cfg.model.img_size >= 1, "must be >= 1"),
         (
             "model.patch_size",
-            cfg.model.patch_size >= 1 and cfg.model.img_size % cfg.model.patch_size == 0,
-            "must divide model.img_size",
+            cfg.model.patch_size >= 1 and (cfg.model.name != "custom" or cfg.model.img_size % cfg.model.patch_size == 0),
+            "must divide model.img_size (a named timm model brings its own patch size)",
         ),
         ("model.in_chans", cfg.model.in_chans >= 1, "must be >= 1"),
         ("model.embed_dim", cfg.model.embed_dim >= 1, "must be >= 1"),
