@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from ..core.cost import count_macs
@@ -27,7 +26,7 @@ from ..core.files import atomic_write
 from ..core.gated_vit import gate_vit, set_gate_state
 from ..core.models import cifar_vit_tiny
 from ..core.pruner import param_groups
-from ..train.config import config_from_params
+from ..train.config import config_from_params, load_params
 from ..train.data import build_loaders
 from ..train.engine import build_dense_model, make_pruner, step_loss
 from ..train.paths import PARAMS, REPORTS
@@ -175,7 +174,7 @@ def main(argv=None) -> dict:
     suites = args.suites or ["core", "train"]
     if set(suites) - {"core", "train"}:
         parser.error(f"unknown suites {sorted(set(suites) - {'core', 'train'})}: choose core and/or train")
-    settings = yaml.safe_load(args.params.read_text())["bench"]
+    settings = load_params(args.params)["bench"]
     torch.set_num_threads(settings["threads"])
     results = {}
     if "core" in suites:

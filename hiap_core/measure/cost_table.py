@@ -30,7 +30,7 @@ from ..core.extract import extract
 from ..core.files import atomic_write
 from ..core.gated_vit import gate_vit, set_gate_state
 from ..core.spec import ViTSpec
-from ..train.config import config_from_params
+from ..train.config import config_from_params, load_params
 from ..train.engine import build_dense_model
 from ..train.paths import PARAMS, REPORTS
 from .states import random_budget_state, random_width_state
@@ -163,15 +163,12 @@ def cost_table_from_params(params: dict, progress: bool = True) -> tuple[dict, p
 
 
 def main(argv=None) -> dict:
-    import yaml
-
     parser = argparse.ArgumentParser(description="Measure the per-unit latency table of the params.yaml model on this machine.")
     parser.add_argument("--params", default=str(PARAMS))
     parser.add_argument("--out", default=str(REPORTS / "tables" / "cost_table.json"))
     parser.add_argument("--samples", help="also write every timed model, measured and predicted, to this CSV")
     args = parser.parse_args(argv)
-    with open(args.params) as f:
-        table, samples = cost_table_from_params(yaml.safe_load(f))
+    table, samples = cost_table_from_params(load_params(args.params))
     write_cost_table(table, args.out)
     if args.samples:
         atomic_write(args.samples, lambda p: samples.to_csv(p, index=False))

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
+from .config import load_params
 from .paths import PARAMS
 
 
 def read_params(path: Path = PARAMS) -> dict:
-    """The whole of `params.yaml` (the project's, anchored at its root)."""
-    return yaml.safe_load(Path(path).read_text()) or {}
+    """The whole of `params.yaml` (the project's, anchored at its root); a malformed file is one line."""
+    return load_params(path)
 
 
 def study_params(path: Path = PARAMS, **groups) -> tuple:
