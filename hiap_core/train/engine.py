@@ -419,9 +419,10 @@ class Trainer:
         self.optimizer.step()
         if pruner is not None:
             pruner.after_step(step)
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
-        return float(terms["loss"].detach())
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        return values["loss"]
 
     def _check_finite(self, terms: dict[str, torch.Tensor], epoch: int, batch: int) -> None:
         if torch.isfinite(terms["loss"].detach()):
