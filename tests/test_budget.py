@@ -96,6 +96,24 @@ def test_minimum_cost_is_the_cheapest_feasible_architecture():
     assert minimum_cost(spec, costs, min_heads=0, min_value_fraction=0.125) == costs.static
 
 
+@pytest.mark.parametrize(
+    ("heads", "micro", "layer_state"),
+    [
+        # lambda_micro = 0: only heads fall (to min_heads); every value dim and neuron stays
+        (True, False, {"heads": torch.tensor([True, False, False])}),
+        # lambda_macro = 0: every head stays, each down to its minimum value dims, and the FFNs close
+        (False, True, {"values": torch.tensor([[True] + [False] * 7] * 3), "ffn": False}),
+    ],
+)
+def test_minimum_cost_with_one_penalty_is_what_that_gate_kind_alone_reaches(heads, micro, layer_state):
+    model = make_vit(depth=2, num_heads=3, embed_dim=24)  # head_dim 8
+    spec = hiap_core.describe(model)
+    costs = hiap_core.unit_costs(spec)
+    gated = gated_copy(model)
+    hiap_core.set_gate_state(gated, [layer_state] * 2)
+    assert minimum_cost(spec, costs, 1, 0.125, heads=heads, micro=micro) == hiap_core.count_macs(gated)
+
+
 @given(state=gate_states(depth=2, heads=3, head_dim=8, hidden=48), target=st.floats(0.2, 1.0))
 def test_round_to_budget_lands_within_one_unit_of_the_target(state, target):
     gated = gated_copy(make_vit(depth=2, num_heads=3, embed_dim=24))

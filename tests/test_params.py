@@ -3,7 +3,11 @@ papermill injected wins, and a key the file lacks is named, not read as an empty
 
 import pytest
 
+from hiap_core.train.config import config_from_params
+from hiap_core.train.engine import build_dense_model, make_pruner
 from hiap_core.train.params import read_params, study_params
+from hiap_core.train.profiles import PROFILES, merge
+from hiap_core.train.runs import sweep_overrides
 
 
 def test_none_is_read_from_params_yaml_and_an_injected_value_wins(tmp_path):
@@ -27,3 +31,22 @@ def test_the_project_params_yaml_has_every_group_the_notebooks_read():
     params = read_params()
     for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
         assert notebook_groups(notebook) <= set(params), notebook.name
+
+
+@pytest.mark.parametrize("profile", [None, "smoke"])
+def test_every_sweep_ratio_can_reach_its_target(profile):
+    """A ratio whose penalised gates cannot reach the sweep's target names its own (macro-only: heads alone
+    stop at about 0.77 of dense); the pruner refuses the rest before training, so this catches it first."""
+    params = read_params()
+    if profile:
+        merge(params, PROFILES[profile])
+    for ratio in params["sweep"]["ratios"]:
+        cfg = config_from_params(params, "hiap", {"teacher": "dense", **sweep_overrides(params, ratio)})
+        model = build_dense_model(cfg)
+        pruner = make_pruner(cfg, model, total_steps=10)
+        assert pruner.budget.target == cfg.target_macs
+
+
+def test_an_unknown_sweep_ratio_names_the_ones_there_are():
+    with pytest.raises(KeyError, match="r2_1"):
+        sweep_overrides(read_params(), "r3_1")

@@ -70,6 +70,9 @@ def test_temperature_follows_the_schedule_and_a_gated_model_is_not_gated_twice()
         ({"total_steps": 0}, "total_steps"),
         ({"total_steps": 5, "target": 1.5e12}, "above the dense model"),
         ({"total_steps": 5, "target": 0.001}, "smallest model the feasibility minimums allow"),
+        ({"total_steps": 5, "target": 0.5, "lambda_micro": 0.0}, "penalties can reach when they push heads only"),
+        ({"total_steps": 5, "target": 0.3, "lambda_macro": 0.0}, "push value dims and neurons only"),
+        ({"total_steps": 5, "target": 0.5, "lambda_macro": 0.0, "lambda_micro": 0.0}, "both 0"),
         ({"total_steps": 5, "tau_min": 3.0}, "tau_min"),
     ],
 )

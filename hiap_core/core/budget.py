@@ -113,21 +113,39 @@ def finish_budget(
     }
 
 
-def minimum_cost(spec: ViTSpec, costs: UnitCosts, min_heads: float, min_value_fraction: float) -> float:
-    """The cheapest architecture the feasibility minimums allow: `ceil(min_heads)` heads per layer with
-    `ceil(min_value_fraction * head_dim)` value dims each (at least one), every FFN removed."""
-    heads = math.ceil(min_heads)
-    dims = max(1, math.ceil(min_value_fraction * spec.head_dim))
-    return costs.static + len(spec.layers) * heads * (costs.alpha + costs.beta * dims)
+def minimum_cost(
+    spec: ViTSpec, costs: UnitCosts, min_heads: float, min_value_fraction: float, heads: bool = True, micro: bool = True
+) -> float:
+    """The cheapest architecture the penalties can push to within the feasibility minimums: with `heads`
+    (lambda_macro > 0) `ceil(min_heads)` heads per layer, else all of them; with `micro` (lambda_micro > 0)
+    `ceil(min_value_fraction * head_dim)` value dims per head (at least one) and every FFN removed, else
+    every value dim and neuron kept (an unpenalised gate has no reason to close)."""
+    live_heads = math.ceil(min_heads) if heads else spec.num_heads
+    dims = max(1, math.ceil(min_value_fraction * spec.head_dim)) if micro else spec.head_dim
+    ffn = 0 if micro else costs.gamma * spec.mlp_hidden_dense
+    return costs.static + len(spec.layers) * (live_heads * (costs.alpha + costs.beta * dims) + ffn)
 
 
 class InfeasibleBudget(ValueError):
-    """A cost target no model of this architecture can meet (above dense, or below the feasibility floor)."""
+    """A cost target the run cannot meet: above dense, below the feasibility floor, or below what the
+    penalised gate kinds alone can reach."""
 
 
-def target_fraction(target: float, spec: ViTSpec, costs: UnitCosts, min_heads: float, min_value_fraction: float) -> float:
+def target_fraction(
+    target: float,
+    spec: ViTSpec,
+    costs: UnitCosts,
+    min_heads: float,
+    min_value_fraction: float,
+    lambda_macro: float = 1.0,
+    lambda_micro: float = 1.0,
+) -> float:
     """`target` (a fraction of the dense cost if <= 1, else an absolute cost in `costs.unit`) as a fraction
-    of the dense cost; InfeasibleBudget when no model can meet it (so it fails before training, not after)."""
+    of the dense cost; InfeasibleBudget when the run cannot meet it (so it fails before training, not after).
+
+    With one lambda at 0 only the other kind of gate is pushed: a target below what that kind can reach
+    would wind the penalty scale up until it overwhelms the feasibility penalties (measured: macro-only at
+    0.5 of dense closed every head, scale 9300, 10% accuracy) and leave the rest to rounding."""
     dense = spec_cost(spec.dense(), costs)
     if not target > 0:
         raise InfeasibleBudget("must be > 0: a fraction of the dense cost (<= 1) or an absolute cost (> 1)")
@@ -141,6 +159,16 @@ def target_fraction(target: float, spec: ViTSpec, costs: UnitCosts, min_heads: f
             "(min_heads heads x min_value_fraction value dims per layer, no FFN): raise the target or "
             "lower those minimums"
         )
+    if not (lambda_macro > 0 and lambda_micro > 0):
+        if not (lambda_macro > 0 or lambda_micro > 0):
+            raise InfeasibleBudget("needs a penalty to steer: lambda_macro and lambda_micro are both 0")
+        penalised = "heads only (lambda_micro = 0)" if lambda_macro > 0 else "value dims and neurons only (lambda_macro = 0)"
+        reach = minimum_cost(spec.dense(), costs, min_heads, min_value_fraction, lambda_macro > 0, lambda_micro > 0) / dense
+        if fraction < reach:
+            raise InfeasibleBudget(
+                f"{fraction:.4g} of dense is below {reach:.4g}, the least the penalties can reach when they push "
+                f"{penalised}: raise the target to >= {reach:.4g} or give both lambdas a weight"
+            )
     return fraction
 
 

@@ -103,7 +103,7 @@ class Pruner:
         self.dense_prunable = self.dense_cost - self.costs.static
         self.budget, self.budget_rows, self.tolerance, self.rounding = None, [], budget_tolerance, {}
         if target is not None:
-            fraction = target_fraction(target, spec, self.costs, min_heads, min_value_fraction)
+            fraction = target_fraction(target, spec, self.costs, min_heads, min_value_fraction, lambda_macro, lambda_micro)
             self.budget = BudgetController(fraction, budget_lr, budget_ramp, budget_gain)
         self.tau = tau0
         self.settled_step, self._structure = 0, self._hard_structure()

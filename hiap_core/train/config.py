@@ -321,7 +321,10 @@ PARAMS_SCHEMA = {
     "ablation": _leaves("budget", "gate_forward"),
     "latency_target": _leaves("target"),
     "cost_table": _leaves("batch_size", "threads", "fit_models", "eval_models", "runs", "seed"),
-    "sweep": {**_leaves("target_macs", "epochs", "train_subset"), "ratios": {"*": _leaves("lambda_macro", "lambda_micro")}},
+    "sweep": {
+        **_leaves("target_macs", "epochs", "train_subset"),
+        "ratios": {"*": _leaves("lambda_macro", "lambda_micro", "target_macs")},
+    },
     "gate_evolution": _leaves("run", "compare_with"),
     "latency": _leaves("batch1_runs", "batch64_runs", "versus_runs", "threads"),
     "bench": _leaves("threads", "train_batch", "train_rounds", "batch1_runs", "batch64_runs"),

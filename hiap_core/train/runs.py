@@ -35,6 +35,22 @@ def study_run(params: dict, method: str, name: str, overrides: dict | None = Non
     return metrics
 
 
+def sweep_overrides(params: dict, ratio: str) -> dict:
+    """The settings of sweep run `ratio` (a key of `sweep.ratios`): its lambdas, its target (the ratio's own
+    `target_macs` where it names one, else `sweep.target_macs`), and the sweep's length and data subset."""
+    sweep = params["sweep"]
+    if ratio not in sweep["ratios"]:
+        raise KeyError(f"sweep ratio {ratio!r} is not in params.yaml sweep.ratios ({', '.join(sweep['ratios'])})")
+    settings = sweep["ratios"][ratio]
+    return {
+        "hiap.lambda_macro": float(settings["lambda_macro"]),
+        "hiap.lambda_micro": float(settings["lambda_micro"]),
+        "target_macs": float(settings.get("target_macs", sweep["target_macs"])),
+        "optim.epochs": sweep["epochs"],
+        "data.train_subset": sweep["train_subset"],
+    }
+
+
 def run_metrics(name: str) -> dict:
     """metrics.json of the study run `name`."""
     return json.loads((RUNS / name / "metrics.json").read_text())
