@@ -1,6 +1,8 @@
 """Configuration: one schema for params.yaml, one source of defaults, one-line errors for every bad input."""
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,12 @@ def test_garbage_in_any_params_field_is_a_one_line_error_or_a_valid_config(field
         assert "\n" not in str(err) and str(err).startswith("invalid ")
     else:
         assert cfg.validate() is cfg
+
+
+@pytest.mark.parametrize("module", ["hiap_core.measure.bench", "hiap_core.measure.cost_table"])
+def test_measuring_commands_report_a_malformed_params_file_in_one_line(module, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("bench: {threads: [2\n")
+    run = subprocess.run([sys.executable, "-m", module, "--params", str(params)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
+    assert run.stderr.startswith("error: ") and "params.yaml:" in run.stderr and "Traceback" not in run.stderr

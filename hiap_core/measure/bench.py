@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from ..core.files import atomic_write
 from ..core.gated_vit import gate_vit, set_gate_state
 from ..core.models import cifar_vit_tiny
 from ..core.pruner import param_groups
-from ..train.config import config_from_params, load_params
+from ..train.config import cli, config_from_params, load_params
 from ..train.data import build_loaders
 from ..train.engine import build_dense_model, make_pruner, step_loss
 from ..train.paths import PARAMS, REPORTS
@@ -192,4 +193,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 
 import numpy as np
 import pandas as pd
@@ -30,7 +31,7 @@ from ..core.extract import extract
 from ..core.files import atomic_write
 from ..core.gated_vit import gate_vit, set_gate_state
 from ..core.spec import ViTSpec
-from ..train.config import config_from_params, load_params
+from ..train.config import cli, config_from_params, load_params
 from ..train.engine import build_dense_model
 from ..train.paths import PARAMS, REPORTS
 from .states import random_budget_state, random_width_state
@@ -177,4 +178,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

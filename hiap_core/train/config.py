@@ -7,8 +7,10 @@ import dataclasses
 import difflib
 import functools
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -409,6 +411,16 @@ def _parse_value(key: str, text: str):
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"invalid override {key}={text!r}: not a YAML value ({str(err).splitlines()[0]})") from err
+
+
+def cli(main: Callable[[], object]) -> int:
+    """Run a command's `main`; a bad params file or value is one `error:` line and exit status 2, not a traceback."""
+    try:
+        main()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def load_params(path: str | Path) -> dict:
