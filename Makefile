@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # The machine's pip config lists index folders that do not exist for every package: hide that noise.
 PIP_QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
 
-.PHONY: venv data test lint repro bench clean-venv
+.PHONY: venv data test lint repro bench bench-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ repro: venv data
 
 bench: venv data
 	$(PY) -m hiap_core.measure.bench
+
+# On a GPU machine: needs only torch (CUDA), timm, pandas, safetensors and tqdm, not the venv (PYTHON=python).
+bench-gpu:
+	$(PYTHON) -m hiap_core.measure.gpu_bench --out reports/benchmarks/gpu.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -62,3 +62,16 @@ def test_temperature_schedule_is_exponential_from_tau0_to_tau_min():
         temperature_at(0, 0)
     with pytest.raises(ValueError, match="> 0"):
         temperature_at(0, 10, tau0=-1.0)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_samples_stay_fp32_under_mixed_precision(soft):
+    """Near s = 0.5 a bf16 sample would round onto the threshold: gates sample in fp32 inside autocast too."""
+    gate = GumbelSigmoidGate(1000, init_logit=0.0, tau=2.0).train()
+    gate.soft = soft
+    torch.manual_seed(0)
+    full = gate()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = gate()
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, full)

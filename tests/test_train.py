@@ -69,6 +69,8 @@ def dense_run(tmp_path_factory):
         ("dense", {"data.root": "/nonexistent", "optim.lr": -1.0}, "optim.lr"),  # reported before any data is read
         ("hiap", {"teacher": "x", "hiap.search_fraction": 0.0}, "hiap.search_fraction"),
         ("hiap", {"teacher": "x", "hiap.gate_forward": "fuzzy"}, "hiap.gate_forward"),
+        ("dense", {"optim.amp": "fp8"}, "optim.amp"),
+        ("dense", {"optim.compile": "yes"}, "optim.compile"),
     ],
 )
 def test_invalid_config_is_one_line_naming_the_field(method, overrides, field):
@@ -434,3 +436,125 @@ def test_non_finite_test_metrics_fail_without_saving_a_model_or_a_nan_checkpoint
         engine.train(cfg)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model").exists()
+
+
+@needs_fashion
+def test_amp_auto_on_cpu_trains_bit_identical_weights_to_amp_off(dense_run, tmp_path):
+    """On CPU `amp: auto` enters no autocast: HiAP (teacher forward, gates, penalties, budget control) trains
+    exactly the weights of full fp32."""
+    assert engine.autocast_dtype("auto", torch.device("cpu")) is None
+    weights = []
+    for amp in ("auto", "off"):
+        cfg = tiny_cfg("hiap", tmp_path / amp, teacher=str(dense_run[0]), target_macs=0.6, **{"optim.amp": amp})
+        engine.train(cfg)
+        weights.append(load_file(str(tmp_path / amp / "model" / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_explicit_mixed_precision_without_a_cuda_gpu_is_refused_in_one_line(amp, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU runs it")
+    with pytest.raises(ConfigError) as err:
+        engine.Trainer(tiny_cfg("dense", tmp_path, **{"optim.amp": amp}), engine.Dist())
+    message = str(err.value)
+    assert "\n" not in message and f"optim.amp = '{amp}': needs a CUDA GPU" in message and "use auto or off" in message
+
+
+def test_amp_off_written_bare_in_yaml_means_off():
+    """YAML 1.1 reads `amp: off` (and `--set optim.amp=off`) as false."""
+    assert config_from_params({"dense": {"amp": False}}, "dense").optim.amp == "off"
+    assert apply_overrides(RunConfig(), ["optim.amp=off"]).validate().optim.amp == "off"
+
+
+def test_a_config_field_added_later_counts_as_its_default_when_a_checkpoint_lacks_it():
+    now = RunConfig().to_dict()
+    older = RunConfig().to_dict()
+    del older["optim"]["amp"], older["optim"]["compile"]
+    assert engine.changed_fields(older, now) == []
+    explicit = RunConfig().to_dict()
+    explicit["optim"]["amp"] = "off"
+    assert engine.changed_fields(older, explicit) == ["optim.amp"]  # the old code ran auto: a change
+    assert engine.changed_fields(explicit, now) == ["optim.amp"]
+    del older["hiap"]["search_fraction"]  # added with a default that changed training: never assumed
+    assert engine.changed_fields(older, now) == ["hiap.search_fraction"]
+
+
+@needs_fashion
+def test_a_finished_run_checkpointed_before_amp_existed_resumes_and_another_amp_is_refused(dense_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "dense"
+    shutil.copytree(dense_run[0], run)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    del state["config"]["optim"]["amp"], state["config"]["optim"]["compile"], state["scaler"]
+    torch.save(state, run / "checkpoint.pt")
+    assert engine.train(tiny_cfg("dense", run))["test_acc"] == dense_run[1]["test_acc"]  # resumed after its last epoch
+    with pytest.raises(ConfigError, match=r"different config \(optim.amp\)"):
+        engine.train(tiny_cfg("dense", run, **{"optim.amp": "off"}))
+
+
+@needs_fashion
+def test_compiled_training_trains_the_same_weights_and_saves_plain_keys(dense_run, tmp_path, monkeypatch):
+    """`optim.compile` compiles the training network only: checkpoints keep the model's own parameter names
+    (no `_orig_mod.`). Dynamo's eager backend runs the traced graphs with the same kernels (CPU-quick)."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    engine.train(tiny_cfg("dense", tmp_path, **{"optim.compile": True}))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert not any(key.startswith("_orig_mod") for key in state["model"])
+    a, b = (load_file(str(folder / "model" / "model.safetensors")) for folder in (dense_run[0], tmp_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_losses_and_penalties_stay_fp32_under_autocast():
+    """The forwards run under autocast, the task loss and HiAP's penalties outside it: fp32, and the penalties
+    equal to those computed without autocast (CPU bf16 autocast stands in for CUDA's here)."""
+    from conftest import make_vit
+
+    teacher = make_vit()
+    pruner = hiap_core.Pruner(make_vit(), total_steps=10)
+    student = pruner.model.train()
+    cfg = tiny_cfg("hiap", "x", teacher="t")
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    mixed = engine.step_loss(student, x, y, cfg, teacher, pruner, torch.bfloat16)
+    full = engine.step_loss(student, x, y, cfg, teacher, pruner)
+    assert all(term.dtype == torch.float32 for term in mixed.values())
+    assert all(torch.equal(mixed[k], full[k]) for k in ("macro", "micro", "feas"))
+    mixed["loss"].backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in student.parameters())
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_bf16_training_step_and_autocast_evaluation_on_cuda():
+    from conftest import make_vit
+
+    device = torch.device("cuda")
+    assert engine.autocast_dtype("auto", device) == torch.bfloat16
+    teacher = make_vit().to(device)
+    pruner = hiap_core.Pruner(make_vit(), total_steps=10)
+    student = pruner.model.to(device).train()
+    cfg = tiny_cfg("hiap", "x", teacher="t")
+    x, y = torch.randn(8, 3, 16, 16, device=device), torch.randint(0, 5, (8,), device=device)
+    terms = engine.step_loss(student, x, y, cfg, teacher, pruner, torch.bfloat16)
+    assert all(term.dtype == torch.float32 and torch.isfinite(term) for term in terms.values())
+    terms["loss"].backward()
+    gates = hiap_core.gate_parameters(student)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in gates)
+    acc, loss = engine.evaluate(student, [(x.cpu(), y.cpu())], engine.Dist(device=device), False, torch.bfloat16)
+    assert 0 <= acc <= 1 and math.isfinite(loss)
+
+
+@cuda
+@needs_fashion
+def test_fp16_run_on_cuda_keeps_its_loss_scale_in_the_checkpoint_and_pins_its_batches(tmp_path):
+    cfg = tiny_cfg("dense", tmp_path, **{"optim.amp": "fp16", "optim.epochs": 1})
+    trainer = engine.Trainer(cfg, engine.Dist(device=torch.device("cuda")))
+    metrics = trainer.run()
+    assert math.isfinite(metrics["test_loss"])
+    assert all(t.is_pinned() for t in next(iter(trainer.train_loader)))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["scaler"]["scale"] > 0

@@ -60,8 +60,11 @@ class GumbelSigmoidGate(nn.Module):
     def forward(self) -> torch.Tensor:
         if not self.training or self.frozen:
             return self.hard().to(self.logits.dtype)
-        u = torch.rand_like(self.logits).clamp_(1e-6, 1.0 - 1e-6)
-        relaxed = torch.sigmoid((self.logits + torch.log(u) - torch.log1p(-u)) / self.tau)
+        # Sampled in fp32 under mixed precision too: in bf16 (8 significant bits) s rounds to exactly 0.5 for
+        # 0 < a + eps < tau / 128, and the hard threshold s > 0.5 would close units that should be open.
+        with torch.autocast(self.logits.device.type, enabled=False):
+            u = torch.rand_like(self.logits).clamp_(1e-6, 1.0 - 1e-6)
+            relaxed = torch.sigmoid((self.logits + torch.log(u) - torch.log1p(-u)) / self.tau)
         return relaxed if self.soft else _StraightThrough.apply(relaxed)
 
     def probs(self) -> torch.Tensor:

@@ -98,20 +98,23 @@ def bench_inference(macs_fractions: list[float], batches: dict[int, int]) -> lis
     return rows
 
 
-def _training_step(model, cfg, x, y, teacher=None, pruner=None):
-    """One full training step of a study run on the batch (x, y), as the engine takes it."""
+def training_step(model, cfg, x, y, teacher=None, pruner=None, amp_dtype=None):
+    """One full training step of a study run on the batch (x, y), as the engine takes it (forwards under
+    autocast to `amp_dtype`; the loss read back to the host, a synchronisation, as the engine logs it)."""
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.gate_lr))
     step_index = iter(range(10**9))
 
-    def step():
+    def step() -> float:
         index = next(step_index)
         if pruner is not None:
             pruner.set_step(index)
         opt.zero_grad(set_to_none=True)
-        step_loss(model, x, y, cfg, teacher, pruner)["loss"].backward()
+        loss = step_loss(model, x, y, cfg, teacher, pruner, amp_dtype)["loss"]
+        loss.backward()
         opt.step()
         if pruner is not None:
             pruner.after_step(index)
+        return float(loss.detach())
 
     return step
 
@@ -142,9 +145,9 @@ def bench_train_loop(params: Path, rounds: int) -> dict:
             evaluated(x)
 
     steps = {
-        "dense": _training_step(dense, dense_cfg, x, y),
-        "kd": _training_step(student, hiap_cfg, x, y, teacher),
-        "hiap": _training_step(gated, hiap_cfg, x, y, teacher, pruner),
+        "dense": training_step(dense, dense_cfg, x, y),
+        "kd": training_step(student, hiap_cfg, x, y, teacher),
+        "hiap": training_step(gated, hiap_cfg, x, y, teacher, pruner),
         "eval": evaluate,
     }
     times = alternate(steps, rounds)

@@ -21,6 +21,7 @@ COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 IMAGES = {"fashion_mnist": (1, 28), "cifar10": (3, 32), "imagenet": (3, None)}  # (channels, side; None: resized)
 AUGMENTATIONS = ("crop_flip", "flip", "none")  # data.augment of the in-memory datasets (ImageNet: timm/DeiT's)
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # optim.amp; auto: bf16 autocast on a CUDA GPU with bf16, else fp32
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,8 @@ class OptimConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 1.0  # 0: off
     gate_lr: float = 0.1  # learning rate of the gate logits (HiAP; the `hiap` group's)
+    amp: str = "auto"  # autocast of the forward passes: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | off
+    compile: bool = False  # torch.compile the training network (the first steps pay for the compilation)
 
 
 @dataclass
@@ -208,6 +211,7 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("optim.label_smoothing", 0 <= cfg.optim.label_smoothing < 1, "must be in [0, 1)"),
         ("optim.grad_clip", cfg.optim.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
         ("optim.gate_lr", cfg.optim.gate_lr > 0, "must be > 0"),
+        ("optim.amp", cfg.optim.amp in AMP_MODES, f"must be one of {', '.join(AMP_MODES)}"),
         ("hiap.lambda_macro", cfg.hiap.lambda_macro >= 0, "must be >= 0"),
         ("hiap.lambda_micro", cfg.hiap.lambda_micro >= 0, "must be >= 0"),
         ("hiap.lambda_feas", cfg.hiap.lambda_feas >= 0, "must be >= 0"),
@@ -260,6 +264,8 @@ def _cost_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
 
 
 def _validate(cfg: RunConfig) -> None:
+    if cfg.optim.amp is False:  # YAML 1.1 reads a bare `off` (params.yaml, --set optim.amp=off) as false
+        cfg.optim.amp = "off"
     _check_types(cfg, "")
     for name, ok, rule in _range_rules(cfg) + _cost_rules(cfg):
         if not ok:

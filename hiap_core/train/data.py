@@ -215,6 +215,8 @@ class TensorLoader:
 
     Training: reshuffled each epoch, last incomplete batch dropped, each of `world` ranks gets its
     contiguous slice of every global batch. Evaluation: in order, ranks take interleaved samples.
+    `pin_memory` (for a CUDA device): batches in page-locked memory, so `.to(device, non_blocking=True)`
+    copies while the host goes on.
     """
 
     def __init__(
@@ -229,6 +231,7 @@ class TensorLoader:
         padding: int = 0,
         rank: int = 0,
         world: int = 1,
+        pin_memory: bool = False,
     ):
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
@@ -239,6 +242,7 @@ class TensorLoader:
             )
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
         self.augment, self.padding, self.rank, self.world = augment != "none", padding, rank, world
+        self.pin_memory = pin_memory
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.epoch = 0
@@ -250,8 +254,10 @@ class TensorLoader:
         n = len(self.data.labels)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
-    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255.0 - self.mean) / self.std
+    def _batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised float images, labels), pinned when asked."""
+        batch = (images.float() / 255.0 - self.mean) / self.std, labels
+        return tuple(t.pin_memory() for t in batch) if self.pin_memory else batch
 
     def __iter__(self):
         n = len(self.data.labels)
@@ -259,7 +265,7 @@ class TensorLoader:
             order = torch.arange(n)
             for start in range(0, n, self.batch_size):
                 idx = order[start : start + self.batch_size][self.rank :: self.world]
-                yield self._normalise(self.data.images[idx]), self.data.labels[idx]
+                yield self._batch(self.data.images[idx], self.data.labels[idx])
             return
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
         local = self.batch_size // self.world
@@ -270,7 +276,7 @@ class TensorLoader:
                 gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + b)
                 images = augment_batch(images, self.padding, gen)
             mine = slice(self.rank * local, (self.rank + 1) * local)
-            yield self._normalise(images[mine]), self.data.labels[idx][mine]
+            yield self._batch(images[mine], self.data.labels[idx][mine])
 
 
 class ImageFolderLoader:
@@ -288,6 +294,7 @@ class ImageFolderLoader:
         rank: int = 0,
         world: int = 1,
         subset: int | None = None,
+        pin_memory: bool = False,
     ):
         import timm.data
         from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -308,6 +315,7 @@ class ImageFolderLoader:
             num_workers=workers,
             drop_last=train,
             persistent_workers=workers > 0,
+            pin_memory=pin_memory,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -333,11 +341,11 @@ def _imagenet_folder(root: str | None, split: str) -> Path:
     return folder
 
 
-def build_loaders(cfg, img_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-    """(train loader, test loader, num_classes) for `cfg` (a `config.DataConfig`)."""
+def build_loaders(cfg, img_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, pin_memory: bool = False):
+    """(train loader, test loader, num_classes) for `cfg` (a `config.DataConfig`); `pin_memory` for a CUDA device."""
     if cfg.dataset == "imagenet":
         make = lambda split, train, subset: ImageFolderLoader(  # noqa: E731
-            _imagenet_folder(cfg.root, split), img_size, batch_size, train, seed, cfg.workers, rank, world, subset
+            _imagenet_folder(cfg.root, split), img_size, batch_size, train, seed, cfg.workers, rank, world, subset, pin_memory
         )
         train = make("train", True, cfg.train_subset)
         return train, make("val", False, cfg.test_subset), train.num_classes
@@ -349,6 +357,6 @@ def build_loaders(cfg, img_size: int, batch_size: int, seed: int, rank: int = 0,
     test_set = load("test").subset(cfg.test_subset, seed)
     mean, std = NORMALIZATION[cfg.dataset]
     padding = CROP_PADDING[cfg.dataset] if cfg.augment == "crop_flip" else 0
-    train = TensorLoader(train_set, batch_size, mean, std, True, seed, cfg.augment, padding, rank, world)
-    test = TensorLoader(test_set, batch_size, mean, std, False, seed, rank=rank, world=world)
+    train = TensorLoader(train_set, batch_size, mean, std, True, seed, cfg.augment, padding, rank, world, pin_memory)
+    test = TensorLoader(test_set, batch_size, mean, std, False, seed, rank=rank, world=world, pin_memory=pin_memory)
     return train, test, train_set.num_classes

@@ -13,6 +13,7 @@ evaluation, checkpoints and reports around it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -48,6 +49,10 @@ class TrainingDiverged(RuntimeError):
 
 
 MIN_FREE_BYTES = 64 * 2**20  # below this a checkpoint (model + Adam moments) of the study's models may not fit
+# Config fields added after checkpoints of the study were written, whose default is the behaviour of the code
+# that wrote them: a checkpoint without the field resumes while the run keeps the default (on CPU `amp: auto`
+# is the old fp32 path). Not every later field qualifies: `hiap.search_fraction`'s default changed training.
+FIELDS_DEFAULT_WHEN_ABSENT = ("optim.amp", "optim.compile")
 
 
 @dataclass
@@ -79,6 +84,34 @@ def setup_distributed() -> Dist:
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return Dist(rank, world, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `optim.amp` on `device`; None: no autocast, plain fp32. `auto` is bf16 on a CUDA
+    GPU that has it and fp32 elsewhere (fp16 needs loss scaling: only on request). An explicit bf16 or
+    fp16 where it cannot run is refused rather than silently trained in fp32."""
+    bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if amp == "auto":
+        return torch.bfloat16 if bf16_gpu else None
+    if amp == "off":
+        return None
+    if device.type != "cuda" or (amp == "bf16" and not bf16_gpu):
+        where = "this GPU has no bf16" if device.type == "cuda" else f"this run is on {device.type}"
+        raise ConfigError(f"invalid config: optim.amp = {amp!r}: needs a CUDA GPU with {amp} ({where}); use auto or off")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """Mixed precision for the forward passes under `dtype`; nothing at all for None (CPU stays bit-exact)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def use_tensor_cores(device: torch.device) -> None:
+    """TF32 for the fp32 matmuls and convolutions on CUDA (those autocast leaves in fp32, and all of them with
+    `amp: off`): a 10-bit mantissa inside the product, fp32 accumulation, several times the fp32 speed."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def build_dense_model(cfg: RunConfig) -> nn.Module:
@@ -202,16 +235,22 @@ def step_loss(
     cfg: RunConfig,
     teacher: nn.Module | None = None,
     pruner: Pruner | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss of one batch under `loss`, with its terms: cross-entropy without a teacher (dense), KD from
-    the teacher (baselines), KD plus HiAP's penalties with a pruner."""
-    logits = net(x)
+    the teacher (baselines), KD plus HiAP's penalties with a pruner. The student and teacher forwards run
+    under autocast to `amp_dtype`; the losses and penalties outside it, in fp32 (a bf16 KL of two close
+    distributions, or a penalty summed over thousands of gates, would lose the small differences that train)."""
+    with autocast(amp_dtype, x.device):
+        logits = net(x)
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+    logits = logits.float()
     if teacher is None:
         task = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
         return {"loss": task, "task": task}
-    with torch.no_grad():
-        teacher_logits = teacher(x)
-    task = kd_loss(logits, teacher_logits, y, cfg.hiap.kd_alpha, cfg.hiap.kd_temperature, cfg.optim.label_smoothing)
+    task = kd_loss(logits, teacher_logits.float(), y, cfg.hiap.kd_alpha, cfg.hiap.kd_temperature, cfg.optim.label_smoothing)
     return pruner.loss(task) if pruner is not None else {"loss": task, "task": task}
 
 
@@ -224,15 +263,20 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, dist: Dist, show: bool = False) -> tuple[float, float]:
-    """(top-1 accuracy, mean cross-entropy) over the whole test set (summed over ranks)."""
+def evaluate(
+    model: nn.Module, loader, dist: Dist, show: bool = False, amp_dtype: torch.dtype | None = None
+) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) over the whole test set (summed over ranks); the forward under
+    the training's autocast (`amp_dtype`), the cross-entropy in fp32."""
     was_training = model.training
     model.eval()
     correct = loss = count = 0.0
     with tqdm(loader, desc="evaluating", disable=not show, leave=False) as batches:  # closed on errors too
         for x, y in batches:
-            x, y = x.to(dist.device), y.to(dist.device)
-            logits = model(x)
+            x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+            with autocast(amp_dtype, dist.device):
+                logits = model(x)
+            logits = logits.float()
             correct += float((logits.argmax(dim=1) == y).sum())
             loss += float(F.cross_entropy(logits, y, reduction="sum"))
             count += len(y)
@@ -247,6 +291,15 @@ def _flat(config: dict, prefix: str = "") -> dict:
     for key, value in config.items():
         flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return flat
+
+
+def changed_fields(saved: dict, now: dict) -> list[str]:
+    """The fields (`optim.lr`, ...) whose value differs between a checkpoint's config and this run's, except
+    where the run writes (`out`) and its progress bars. A field of `FIELDS_DEFAULT_WHEN_ABSENT` that the
+    checkpoint lacks counts as its default."""
+    saved, now, defaults = _flat(saved), _flat(now), _flat(RunConfig().to_dict())
+    saved = {**{k: defaults[k] for k in FIELDS_DEFAULT_WHEN_ABSENT if k not in saved}, **saved}
+    return sorted(k for k in now.keys() | saved.keys() if k not in ("out", "progress") and saved.get(k) != now.get(k))
 
 
 def _write_reports(out: Path, history: list[dict], gate_rows: list[dict], budget_rows: list[dict]) -> None:
@@ -275,6 +328,8 @@ class Trainer:
         self.cfg = cfg.validate()
         self.restart_on_config_change = restart_on_config_change
         self.dist = dist or setup_distributed()
+        self.amp_dtype = autocast_dtype(cfg.optim.amp, self.dist.device)  # refused here, before any data is read
+        use_tensor_cores(self.dist.device)
         self.out = Path(cfg.out)
         self.checkpoint = self.out / "checkpoint.pt"
         self.show = cfg.progress and self.dist.main and not os.environ.get("CI")
@@ -297,6 +352,8 @@ class Trainer:
             # gates frozen after the search get no gradient: DDP must not wait for one
             frozen_later = self.pruner is not None and self.pruner.search_steps < self.pruner.total_steps
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=frozen_later)
+        if self.cfg.optim.compile:  # only the training network: self.model keeps its plain state_dict keys
+            self.net = torch.compile(self.net)
         for epoch in range(start, self.cfg.optim.epochs):
             sums, train_time = self._train_epoch(epoch)
             self._end_epoch(epoch, sums, train_time)
@@ -322,7 +379,7 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
         self.train_loader, self.test_loader, num_classes = build_loaders(
-            cfg.data, cfg.model.img_size, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world
+            cfg.data, cfg.model.img_size, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world, dist.device.type == "cuda"
         )
         if num_classes != cfg.model.num_classes:
             raise ConfigError(
@@ -341,13 +398,14 @@ class Trainer:
         for group in groups:
             group["base_lr"] = group["lr"]  # the schedule scales each group's own rate
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none (disabled: a no-op)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
 
     def _resume(self) -> int:
         """Load the checkpoint of this config, if any; returns the first epoch to train."""
         state = self._load_checkpoint()
         if state is not None:
-            saved, now = _flat(state["config"]), _flat(self.cfg.to_dict())
-            changed = sorted(k for k in now.keys() | saved.keys() if k not in ("out", "progress") and saved.get(k) != now.get(k))
+            changed = changed_fields(state["config"], self.cfg.to_dict())
             if changed and not self.restart_on_config_change:
                 raise ConfigError(
                     f"{self.checkpoint} was written with a different config ({', '.join(changed)}): "
@@ -362,6 +420,8 @@ class Trainer:
             return 0
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled():  # fp16: the loss scale it had found (checkpoints of other modes have none)
+            self.scaler.load_state_dict(state["scaler"])
         self.history, self.gate_rows = state["history"], state["gate_rows"]
         if self.pruner is not None:
             self.pruner.load_state_dict(state)
@@ -410,13 +470,15 @@ class Trainer:
         if pruner is not None:
             pruner.set_step(step)
         x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
-        terms = step_loss(self.net, x, y, cfg, self.teacher, pruner)
+        terms = step_loss(self.net, x, y, cfg, self.teacher, pruner, self.amp_dtype)
         self._check_finite(terms, epoch, i)
         self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        self.scaler.scale(terms["loss"]).backward()
         if cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: skipped when the scaled gradients overflowed
+        self.scaler.update()
         if pruner is not None:
             pruner.after_step(step)
         values = {k: float(v.detach()) for k, v in terms.items()}
@@ -448,7 +510,7 @@ class Trainer:
     def _end_epoch(self, epoch: int, sums: dict[str, float], train_time: float) -> None:
         """Evaluate, append the history row (and the gate state), log one line."""
         cfg, pruner = self.cfg, self.pruner
-        acc, test_loss = evaluate(self.model, self.test_loader, self.dist, self.show)
+        acc, test_loss = evaluate(self.model, self.test_loader, self.dist, self.show, self.amp_dtype)
         self._check_epoch_finite(epoch, test_loss)
         row = {
             "epoch": epoch + 1,
@@ -492,6 +554,7 @@ class Trainer:
             "gate_rows": self.gate_rows,
             "config": self.cfg.to_dict(),
             "rng": torch.get_rng_state(),
+            "scaler": self.scaler.state_dict(),  # empty unless fp16
         }
         if self.pruner is not None:
             state.update(self.pruner.state_dict())
@@ -509,7 +572,7 @@ class Trainer:
             final = extract(gate_vit(copy.deepcopy(self.model)))  # the same weights as a plain PrunedViT
         else:
             final = self.model
-        acc, test_loss = evaluate(final, self.test_loader, self.dist, self.show)
+        acc, test_loss = evaluate(final, self.test_loader, self.dist, self.show, self.amp_dtype)
         if not math.isfinite(test_loss):
             self._diverged(f"non-finite test loss of the final model ({test_loss})")
         metrics = final_metrics(cfg, final, acc, test_loss, self.history)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ruamel.yaml import YAML
-
 from .paths import PARAMS
 
 PROFILES = {
@@ -61,6 +59,8 @@ def merge(base, override: dict):
 
 
 def apply(name: str, params: Path = PARAMS) -> dict:
+    from ruamel.yaml import YAML  # here: `PROFILES` is read on bare GPU machines too (measure/gpu_bench.py)
+
     if name not in PROFILES:
         raise SystemExit(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
     yaml = YAML()  # round-trip: the comments of params.yaml survive

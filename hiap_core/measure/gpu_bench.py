@@ -1,0 +1,318 @@
+"""GPU benchmark (`make bench-gpu`, `python -m hiap_core.measure.gpu_bench`) -> `reports/benchmarks/gpu.json`.
+
+- Training steps, images/s, fp32 (TF32 matmuls) and bf16 autocast: dense (cross-entropy) and HiAP (teacher
+  forward, gated student, penalties, budget control: the engine's step) for the CIFAR ViT-Tiny at batch
+  128 and 512 and DeiT-S at 256 (halved until it fits), with the evaluation forward and the in-memory
+  loader (synthetic CIFAR-shaped images, crop and flip, pinned, copied to the device).
+- Inference, images/s, bf16: a model extracted at ~50% of dense MACs (random feasible gate state) vs
+  dense, at batch 1, 64 and 256.
+- The wall time of the `paper` profile estimated from these figures (the formula is in the JSON).
+
+It imports only torch, timm, pandas, safetensors, tqdm (and PyYAML, which timm requires), so it runs on a
+bare GPU machine without dvc or papermill. `--tiny`: a small ViT at small batches (the CPU test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..core.cost import count_macs
+from ..core.extract import extract
+from ..core.files import atomic_write
+from ..core.gated_vit import gate_vit, set_gate_state
+from ..core.models import cifar_vit_tiny
+from ..core.pruner import Pruner
+from ..train.config import RunConfig, load_params
+from ..train.data import CROP_PADDING, NORMALIZATION, ArrayDataset, TensorLoader
+from ..train.engine import autocast, use_tensor_cores
+from ..train.paths import PARAMS, REPORTS
+from ..train.profiles import PROFILES, merge
+from .bench import training_step
+from .states import random_feasible_state
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+CIFAR_TRAIN_IMAGES, CIFAR_TEST_IMAGES = 50_000, 10_000
+HIAP_TARGET = 0.5  # the study's HiAP runs are budget-exact: the controller's per-step work is timed too
+
+
+def _deit_small() -> torch.nn.Module:
+    import timm
+
+    return timm.create_model("deit_small_patch16_224", pretrained=False)
+
+
+def _tiny_vit() -> torch.nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=10)
+
+
+# name: (builder, image side, training batches, inference batches)
+WORKLOADS = {
+    "cifar_vit_tiny": (cifar_vit_tiny, 32, (128, 512), (1, 64, 256)),
+    "deit_small_patch16_224": (_deit_small, 224, (256,), ()),
+}
+TINY_WORKLOADS = {"tiny_vit": (_tiny_vit, 16, (4, 8), (1, 4, 8))}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_s(fn, batch: int, device: torch.device, seconds: float, warmup: int = 3, max_iters: int = 50) -> float:
+    """Images per second of `fn` (one batch per call) after `warmup` calls: as many calls as fit in about
+    `seconds` (3 to `max_iters`), timed between two device synchronisations."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    per_call = (time.perf_counter() - start) / warmup
+    iters = min(max_iters, max(3, int(seconds / max(per_call, 1e-9))))
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _synchronize(device)
+    return batch * iters / (time.perf_counter() - start)
+
+
+def _training_rates(build, side: int, batch: int, device: torch.device, dtype, seconds: float) -> dict:
+    """Images/s of the dense step, the HiAP step and the evaluation forward at one batch and precision."""
+    torch.manual_seed(0)
+    dense = build().to(device).train()
+    teacher = copy.deepcopy(dense).eval()
+    gated = copy.deepcopy(dense)
+    pruner = Pruner(gated, total_steps=10**6, target=HIAP_TARGET)  # the search phase: the dearest steps
+    gated.train()
+    x = torch.randn(batch, 3, side, side, device=device)
+    y = torch.randint(0, dense.num_classes, (batch,), device=device)
+    cfg = RunConfig(method="hiap")
+    rates = {
+        "dense_step_images_per_s": images_per_s(training_step(dense, cfg, x, y, amp_dtype=dtype), batch, device, seconds),
+        "hiap_step_images_per_s": images_per_s(training_step(gated, cfg, x, y, teacher, pruner, dtype), batch, device, seconds),
+    }
+
+    def evaluate():
+        with torch.inference_mode(), autocast(dtype, device):
+            teacher(x)
+
+    rates["eval_images_per_s"] = images_per_s(evaluate, batch, device, seconds)
+    return rates
+
+
+def _largest_fitting(build, side: int, batch: int, device: torch.device, dtype, seconds: float) -> tuple[int, dict]:
+    """(batch, `_training_rates`) at `batch`, halved until it fits in the GPU's memory."""
+    while True:
+        try:
+            return batch, _training_rates(build, side, batch, device, dtype, seconds)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+        torch.cuda.empty_cache()  # outside the except block: the failed attempt's tensors are freed by now
+        batch //= 2
+
+
+def bench_training(workloads: dict, device: torch.device, seconds: float) -> list[dict]:
+    """`_training_rates` for every workload, training batch and precision (the row keeps the requested batch
+    when a smaller one had to be taken)."""
+    rows = []
+    for name, (build, side, batches, _) in workloads.items():
+        for requested in batches:
+            for precision, dtype in PRECISIONS.items():
+                batch, rates = _largest_fitting(build, side, requested, device, dtype, seconds)
+                rows.append({"model": name, "precision": precision, "requested_batch": requested, "batch": batch, **rates})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # the next workload may need all of it
+    return rows
+
+
+def bench_inference(workloads: dict, device: torch.device, seconds: float, macs_fraction: float = 0.5) -> list[dict]:
+    """Images/s of an extracted model at ~`macs_fraction` of dense MACs vs dense, bf16 autocast."""
+    rows = []
+    for name, (build, side, _, batches) in workloads.items():
+        if not batches:
+            continue
+        torch.manual_seed(0)
+        dense = build().eval()
+        gated = gate_vit(copy.deepcopy(dense)).eval()
+        set_gate_state(gated, random_feasible_state(gated, macs_fraction))
+        pruned = extract(gated).to(device).eval()
+        dense_macs, pruned_macs = count_macs(dense), count_macs(pruned)
+        dense = dense.to(device)
+        for batch in batches:
+            x = torch.randn(batch, 3, side, side, device=device)
+
+            def forward(model):
+                def run():
+                    with torch.inference_mode(), autocast(torch.bfloat16, device):
+                        model(x)
+
+                return run
+
+            dense_rate = images_per_s(forward(dense), batch, device, seconds, max_iters=200)
+            pruned_rate = images_per_s(forward(pruned), batch, device, seconds, max_iters=200)
+            rows.append(
+                {
+                    "model": name,
+                    "precision": "bf16",
+                    "batch": batch,
+                    "macs_fraction": pruned_macs / dense_macs,
+                    "dense_images_per_s": dense_rate,
+                    "extracted_images_per_s": pruned_rate,
+                    "speedup": pruned_rate / dense_rate,
+                }
+            )
+    return rows
+
+
+def loader_images_per_s(batch: int, device: torch.device, seconds: float, images: int = 4096) -> float:
+    """The in-memory loader of CIFAR-10 (synthetic images of its shape): crop and flip, normalise, pin on
+    CUDA, copy to the device. Its batches are made between the training steps, so its time adds to theirs."""
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    data = ArrayDataset(pixels, torch.zeros(images, dtype=torch.int64), 10)
+    mean, std = NORMALIZATION["cifar10"]
+    cuda = device.type == "cuda"
+    loader = TensorLoader(data, batch, mean, std, True, augment="crop_flip", padding=CROP_PADDING["cifar10"], pin_memory=cuda)
+    batches = iter(())
+
+    def next_batch():
+        nonlocal batches
+        x, y = next(batches, (None, None))
+        if x is None:
+            batches = iter(loader)
+            x, y = next(batches)
+        x.to(device, non_blocking=cuda), y.to(device, non_blocking=cuda)
+
+    return images_per_s(next_batch, batch, device, seconds, max_iters=10**6)
+
+
+def _train_images(params: dict, group: dict) -> int:
+    """Images per epoch of a run that reads `group`: its own train_subset, else data's, else all of CIFAR-10."""
+    return group.get("train_subset", params["data"].get("train_subset")) or CIFAR_TRAIN_IMAGES
+
+
+def paper_runs(params: dict) -> dict:
+    """The training runs of the study under `params`, by the step they take: {name: (step, group, runs,
+    epochs, train images per epoch)}."""
+    seeds, budgets = len(params["seeds"]), len(params["budgets"])
+    sweep = params["sweep"]
+    return {
+        "dense": ("dense", "dense", 1, params["dense"]["epochs"], _train_images(params, params["dense"])),
+        # Table 3's HiAP runs, the gate-forward ablation (every seed) and the latency-targeted run
+        "hiap": ("hiap", "hiap", budgets * seeds + seeds + 1, params["hiap"]["epochs"], _train_images(params, params["hiap"])),
+        # every baseline at every budget and seed, and the unpruned fine-tuning control (every seed)
+        "baselines": (
+            "hiap",
+            "baselines",
+            len(params["baselines"]["methods"]) * budgets * seeds + seeds,
+            params["baselines"]["epochs"],
+            _train_images(params, params["baselines"]),
+        ),
+        "sweep": ("hiap", "hiap", len(sweep["ratios"]), sweep["epochs"], sweep.get("train_subset") or CIFAR_TRAIN_IMAGES),
+    }
+
+
+ESTIMATE_FORMULA = (
+    "hours = sum over runs of epochs * (train_images * (1 / step + 1 / loader) + test_images / eval) / 3600, with the "
+    "images/s of the benchmarked CIFAR model at the batch nearest the run's batch_size: step = dense_step for the "
+    "teacher, hiap_step for HiAP, the sweep and (an upper bound: no gates, a smaller student) the baselines and the "
+    "control; loader at that batch; eval = the evaluation forward. Not counted: process start, reading CIFAR-10, "
+    "extraction, the notebooks and the CPU stages (cost_table, latency, bench)."
+)
+
+
+def paper_profile_estimate(training: list[dict], loader_rates: dict[int, float], model: str) -> dict:
+    """The wall time of `dvc repro` under the `paper` profile, from the measured images/s (`ESTIMATE_FORMULA`)."""
+    params = merge(load_params(PARAMS), copy.deepcopy(PROFILES["paper"]))
+    test_images = params["data"].get("test_subset") or CIFAR_TEST_IMAGES
+    runs = paper_runs(params)
+    hours = {}
+    for precision in PRECISIONS:
+        rows = [r for r in training if r["model"] == model and r["precision"] == precision]
+        total = 0.0
+        for step, group, count, epochs, train_images in runs.values():
+            row = min(rows, key=lambda r: abs(r["batch"] - params[group]["batch_size"]))
+            per_image = 1 / row[f"{step}_step_images_per_s"] + 1 / loader_rates[row["batch"]]
+            total += count * epochs * (train_images * per_image + test_images / row["eval_images_per_s"])
+        hours[precision] = total / 3600
+    return {
+        "profile": "paper",
+        "model": model,
+        "formula": ESTIMATE_FORMULA,
+        "test_images": test_images,
+        "runs": {
+            name: {"step": step, "group": group, "runs": count, "epochs": epochs, "train_images": images}
+            for name, (step, group, count, epochs, images) in runs.items()
+        },
+        "hours": hours,
+    }
+
+
+def _device_info(device: torch.device) -> dict:
+    from .timing import machine
+
+    info = {"type": device.type, **machine()}
+    if device.type == "cuda":
+        info.update(name=torch.cuda.get_device_name(device), cuda=torch.version.cuda, tf32=True)
+    else:
+        info.update(name=info["cpu"])
+    return info
+
+
+def run(device: torch.device, tiny: bool, budget_s: float) -> dict:
+    """Every measurement, in about `budget_s` seconds of timed calls (plus warmups and model builds)."""
+    import timm
+
+    started = time.perf_counter()
+    use_tensor_cores(device)
+    workloads = TINY_WORKLOADS if tiny else WORKLOADS
+    estimate_model = next(iter(workloads))  # the CIFAR ViT-Tiny: the model of the paper profile
+    per_workload = [3 * len(PRECISIONS) * len(w[2]) + 2 * len(w[3]) for w in workloads.values()]
+    seconds = budget_s / (sum(per_workload) + len(workloads[estimate_model][2]))  # + the loader at each batch
+    training = bench_training(workloads, device, seconds)
+    inference = bench_inference(workloads, device, seconds)
+    loader_batches = sorted({r["batch"] for r in training if r["model"] == estimate_model})
+    loader_rates = {batch: loader_images_per_s(batch, device, seconds) for batch in loader_batches}
+    return {
+        "device": _device_info(device),
+        "timm": timm.__version__,
+        "settings": {"tiny": tiny, "budget_s": budget_s, "seconds_per_measure": seconds},
+        "training": training,
+        "loader": [{"batch": b, "images_per_s": rate} for b, rate in sorted(loader_rates.items())],
+        "inference": inference,
+        "paper_profile_estimate": paper_profile_estimate(training, loader_rates, estimate_model),
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="a small ViT at small batches: tries the benchmark on a CPU")
+    parser.add_argument("--out", type=Path, help="default reports/benchmarks/gpu.json (a CPU run must name its own)")
+    parser.add_argument("--budget-s", type=float, default=120.0, help="seconds of timed calls in all (default 120)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here; try the benchmark with --device cpu --tiny --out FILE")
+    if args.out is None and args.device != "cuda":
+        parser.error("a CPU run tries the benchmark, it does not measure a GPU: name its --out (not gpu.json)")
+    if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+        parser.error(f"--budget-s {args.budget_s}: must be a number of seconds > 0")
+    out = args.out or REPORTS / "benchmarks" / "gpu.json"
+    result = run(torch.device(args.device), args.tiny, args.budget_s)
+    atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2, allow_nan=False)))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

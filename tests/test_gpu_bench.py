@@ -1,0 +1,78 @@
+"""The GPU benchmark (`hiap_core.measure.gpu_bench`), tried on the CPU with a tiny ViT: it runs without dvc,
+papermill or the plotting libraries, and writes finite, positive figures in the structure the README reads."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_ON_A_BARE_GPU_MACHINE = ("dvc", "papermill", "matplotlib", "seaborn", "ruamel", "nbformat", "onnx", "onnxruntime")
+
+
+def numbers(value, path=""):
+    """(path, number) of every number in a JSON value (booleans are flags, not figures)."""
+    if isinstance(value, dict):
+        return [n for key, v in value.items() for n in numbers(v, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [n for i, v in enumerate(value) for n in numbers(v, f"{path}[{i}]")]
+    return [(path, value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_bench") / "gpu.json"
+    code = (
+        "import sys; from hiap_core.measure import gpu_bench\n"
+        f"gpu_bench.main(['--device', 'cpu', '--tiny', '--budget-s', '2', '--out', {str(out)!r}])\n"
+        f"print('LOADED', sorted({{m.split('.')[0] for m in sys.modules}} & {set(NOT_ON_A_BARE_GPU_MACHINE)!r}))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(out.read_text()), run.stdout.splitlines()[-1]
+
+
+def test_runs_without_dvc_papermill_or_plotting_libraries(tiny_result):
+    assert tiny_result[1] == "LOADED []"
+
+
+def test_writes_finite_positive_figures_for_every_step_precision_and_batch(tiny_result):
+    result = tiny_result[0]
+    assert all(math.isfinite(v) and v > 0 for _, v in numbers(result)), [p for p, v in numbers(result) if not v > 0]
+    assert result["device"]["type"] == "cpu" and result["device"]["name"] and result["device"]["torch"] == torch.__version__
+    training = {(r["model"], r["batch"], r["precision"]) for r in result["training"]}
+    assert training == {("tiny_vit", b, p) for b in (4, 8) for p in ("fp32", "bf16")}
+    for row in result["training"]:
+        assert {"dense_step_images_per_s", "hiap_step_images_per_s", "eval_images_per_s"} <= set(row)
+    assert [r["batch"] for r in result["inference"]] == [1, 4, 8]
+    assert all(r["precision"] == "bf16" and abs(r["macs_fraction"] - 0.5) <= 0.005 for r in result["inference"])
+    assert [r["batch"] for r in result["loader"]] == [4, 8]
+
+
+def test_estimates_the_paper_profile_from_the_study_runs(tiny_result):
+    estimate = tiny_result[0]["paper_profile_estimate"]
+    runs = {name: (r["runs"], r["epochs"], r["train_images"]) for name, r in estimate["runs"].items()}
+    # params.yaml: 3 seeds, 2 budgets, 3 baseline methods, 5 sweep ratios; the paper profile's epochs
+    assert runs == {
+        "dense": (1, 200, 50_000),
+        "hiap": (2 * 3 + 3 + 1, 200, 12_500),  # Table 3, the gate-forward ablation, the latency target
+        "baselines": (3 * 2 * 3 + 3, 200, 12_500),  # every baseline, the fine-tuning control
+        "sweep": (5, 50, 50_000),
+    }
+    assert set(estimate["hours"]) == {"fp32", "bf16"} and "hours = sum over runs" in estimate["formula"]
+
+
+def test_a_cpu_run_must_name_its_output_and_cuda_needs_a_gpu(tmp_path):
+    def cli(*args):
+        command = [sys.executable, "-m", "hiap_core.measure.gpu_bench", *args]
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    run = cli("--device", "cpu", "--tiny")
+    assert run.returncode == 2 and "name its --out" in run.stderr
+    if not torch.cuda.is_available():
+        run = cli("--device", "cuda", "--out", str(tmp_path / "x.json"))
+        assert run.returncode == 2 and "no CUDA GPU" in run.stderr
