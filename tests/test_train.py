@@ -468,16 +468,30 @@ def test_amp_off_written_bare_in_yaml_means_off():
 
 
 def test_a_config_field_added_later_counts_as_its_default_when_a_checkpoint_lacks_it():
-    now = RunConfig().to_dict()
-    older = RunConfig().to_dict()
+    now = RunConfig(method="hiap").to_dict()
+    older = RunConfig(method="hiap").to_dict()
     del older["optim"]["amp"], older["optim"]["compile"]
     assert engine.changed_fields(older, now) == []
-    explicit = RunConfig().to_dict()
+    explicit = RunConfig(method="hiap").to_dict()
     explicit["optim"]["amp"] = "off"
     assert engine.changed_fields(older, explicit) == ["optim.amp"]  # the old code ran auto: a change
     assert engine.changed_fields(explicit, now) == ["optim.amp"]
     del older["hiap"]["search_fraction"]  # added with a default that changed training: never assumed
     assert engine.changed_fields(older, now) == ["hiap.search_fraction"]
+
+
+def test_a_field_a_method_does_not_read_never_makes_its_checkpoint_stale():
+    """Dense and the baselines train no gates: HiAP's penalty settings and gate_lr are not theirs (their DVC
+    stages do not track them either); the KD settings are; HiAP reads them all."""
+    saved = RunConfig(method="uniform").to_dict()
+    now = RunConfig(method="uniform").to_dict()
+    now["hiap"].update(lambda_macro=7.0, cost_table="elsewhere.json")
+    now["optim"]["gate_lr"] = 0.3
+    assert engine.changed_fields(saved, now) == []
+    now["hiap"]["kd_alpha"] = 0.9
+    assert engine.changed_fields(saved, now) == ["hiap.kd_alpha"]
+    saved["method"] = now["method"] = "hiap"
+    assert engine.changed_fields(saved, now) == ["hiap.cost_table", "hiap.kd_alpha", "hiap.lambda_macro", "optim.gate_lr"]
 
 
 @needs_fashion

@@ -307,6 +307,18 @@ STAGE_GROUPS = {  # the params.yaml group each method's optimiser settings come 
     "finetune": "baselines",
 }
 SECTIONS = ("data", "model", "optim", "hiap")
+KD_KEYS = ("kd_alpha", "kd_temperature")  # the `hiap` settings every distilled run reads, not only HiAP's
+
+
+def read_by(method: str, field: str) -> bool:
+    """Whether a run of `method` reads config `field` (`hiap.lambda_macro`): only HiAP reads the gate settings
+    (`hiap.*` but the KD ones, `optim.gate_lr`); dense and the baselines train no gates."""
+    if method == "hiap":
+        return True
+    section, _, name = field.partition(".")
+    return field != "optim.gate_lr" and (section != "hiap" or name in KD_KEYS)
+
+
 _STAGE_DATA_KEYS = ("train_subset", "augment")  # a stage may train on a subset of the shared data
 _RUN_KEYS = ("seed", "teacher", "target_macs", "progress", "out")
 _STAGE_KEYS = (*_names(OptimConfig), *_names(HiAPConfig), *_STAGE_DATA_KEYS, *_RUN_KEYS)
@@ -463,7 +475,7 @@ def config_from_params(params: dict | str | Path, method: str, overrides: dict |
         flat.update({f"{section}.{k}": v for k, v in (params.get(section) or {}).items()})
     flat.update({_stage_field(k): v for k, v in (params.get(stage) or {}).items() if k != "methods"})
     if stage != "hiap":  # KD settings are shared by every distilled run
-        flat.update({f"hiap.{k}": v for k, v in (params.get("hiap") or {}).items() if k in ("kd_alpha", "kd_temperature")})
+        flat.update({f"hiap.{k}": v for k, v in (params.get("hiap") or {}).items() if k in KD_KEYS})
     apply_overrides(cfg, flat)
     if overrides:
         apply_overrides(cfg, overrides)

@@ -40,7 +40,7 @@ from ..core.gated_vit import gate_vit
 from ..core.losses import kd_loss
 from ..core.pruned import load_pruned, save_pruned
 from ..core.pruner import Pruner, param_groups
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, read_by
 from .data import build_loaders
 
 
@@ -295,11 +295,14 @@ def _flat(config: dict, prefix: str = "") -> dict:
 
 def changed_fields(saved: dict, now: dict) -> list[str]:
     """The fields (`optim.lr`, ...) whose value differs between a checkpoint's config and this run's, except
-    where the run writes (`out`) and its progress bars. A field of `FIELDS_DEFAULT_WHEN_ABSENT` that the
-    checkpoint lacks counts as its default."""
-    saved, now, defaults = _flat(saved), _flat(now), _flat(RunConfig().to_dict())
+    where the run writes (`out`), its progress bars and the fields its method does not read (a dense run is
+    the same run whatever `hiap.lambda_macro` says, as its DVC stage, which does not track `hiap`, agrees). A
+    field of `FIELDS_DEFAULT_WHEN_ABSENT` that the checkpoint lacks counts as its default."""
+    method, saved, now, defaults = now["method"], _flat(saved), _flat(now), _flat(RunConfig().to_dict())
     saved = {**{k: defaults[k] for k in FIELDS_DEFAULT_WHEN_ABSENT if k not in saved}, **saved}
-    return sorted(k for k in now.keys() | saved.keys() if k not in ("out", "progress") and saved.get(k) != now.get(k))
+    return sorted(
+        k for k in now.keys() | saved.keys() if k not in ("out", "progress") and read_by(method, k) and saved.get(k) != now.get(k)
+    )
 
 
 def _write_reports(out: Path, history: list[dict], gate_rows: list[dict], budget_rows: list[dict]) -> None:
