@@ -48,8 +48,8 @@ def test_extraction_of_cifar_vit_tiny_with_heterogeneous_widths():
     with torch.no_grad():
         assert (pruned(x) - gated(x)).abs().max() <= 1e-5
     assert pruned.blocks[5].mlp is None  # closed FFN block removed, bias included
-    widths = [w for _, _, w, _ in pruned.blocks[0].attn.groups]
-    assert widths == sorted(widths) and len(widths) == len(set(widths))
+    widths = [end - start for start, end in pruned.blocks[0].attn.value_columns]
+    assert widths == sorted(widths) == list(pruned.spec.layers[0].value_dims)
 
 
 def test_structure_summary_per_layer_and_totals():
