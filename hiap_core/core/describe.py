@@ -59,7 +59,6 @@ def describe(model: nn.Module) -> ViTSpec:
 
 
 def _sort_by_width(heads: list[int], widths: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Order live heads by value width: the order every extracted model and saved `architecture.json` has used
-    (it once grouped equal widths; `PrunedAttention` no longer needs it, but equal structures keep equal specs)."""
+    """Order live heads by value width, as saved `architecture.json` files have them: equal structures, equal specs."""
     order = sorted(range(len(heads)), key=lambda i: (widths[i], heads[i]))
     return tuple(heads[i] for i in order), tuple(widths[i] for i in order)
