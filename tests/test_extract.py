@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,8 +48,8 @@ def test_extraction_of_cifar_vit_tiny_with_heterogeneous_widths():
     with torch.no_grad():
         assert (pruned(x) - gated(x)).abs().max() <= 1e-5
     assert pruned.blocks[5].mlp is None  # closed FFN block removed, bias included
-    widths = [w for _, _, w, _ in pruned.blocks[0].attn.groups]
-    assert widths == sorted(widths) and len(widths) == len(set(widths))
+    widths = [end - start for start, end in pruned.blocks[0].attn.value_columns]
+    assert widths == sorted(widths) == list(pruned.spec.layers[0].value_dims)
 
 
 def test_structure_summary_per_layer_and_totals():
@@ -113,3 +114,15 @@ def test_load_pruned_needs_no_training_code(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "torch.Size([1, 5])" in result.stdout
+
+
+def test_a_model_saved_by_the_first_format_loads_and_gives_its_saved_outputs():
+    """tests/data/pruned_v1 was written by save_pruned at commit 2b2a6c8 (bias-only attention and FFN, value
+    widths 3, 5, 5): however the forward is rewritten, saved models keep loading and computing the same."""
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).parent / "data" / "pruned_v1"
+    model = hiap_core.load_pruned(folder)
+    saved = load_file(str(folder / "io.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(saved["images"]), saved["logits"], atol=1e-6, rtol=0)

@@ -59,6 +59,6 @@ def describe(model: nn.Module) -> ViTSpec:
 
 
 def _sort_by_width(heads: list[int], widths: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Order live heads by value width so heads of equal width sit next to each other (one matmul each)."""
+    """Order live heads by value width, as saved `architecture.json` files have them: equal structures, equal specs."""
     order = sorted(range(len(heads)), key=lambda i: (widths[i], heads[i]))
     return tuple(heads[i] for i in order), tuple(widths[i] for i in order)

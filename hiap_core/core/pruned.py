@@ -7,6 +7,7 @@ without the training code. Parameter names follow timm's `VisionTransformer` (`p
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -45,7 +46,9 @@ class LayerScale(nn.Module):
 
 
 class PrunedAttention(nn.Module):
-    """Heads sorted by value width; each group of equal width runs as one batched attention (no padding).
+    """Heads of one layer may keep different value widths: the Q/K products of all heads run as one batched
+    matmul, then each head's attention weights multiply its own V columns (no padding, so the executed MACs
+    are the analytic count).
 
     `qkv` produces [Q of all heads | K of all heads | V of all heads, head after head].
     """
@@ -59,31 +62,25 @@ class PrunedAttention(nn.Module):
         self.sdpa_scale = None if self.head_dim == head_dim else self.scale  # None: SDPA's own 1/sqrt(width), the same
         self.qk_width, self.v_dim = 2 * self.num_heads * self.head_dim, sum(value_dims)
         self.fused_attn = True
-        self.groups: list[tuple[int, int, int, int]] = []  # (first head, last head + 1, width, first V column)
-        start, col = 0, 0
-        for h in range(1, self.num_heads + 1):
-            if h == self.num_heads or value_dims[h] != value_dims[start]:
-                self.groups.append((start, h, value_dims[start], col))
-                col += (h - start) * value_dims[start]
-                start = h
+        self.values_as_wide_as_qk = all(width == self.head_dim for width in value_dims)
+        ends = list(itertools.accumulate(value_dims))
+        self.value_columns = list(zip([0] + ends[:-1], ends))  # each head's [start, end) in V
         self.qkv = nn.Linear(dim, self.qk_width + self.v_dim, bias=qkv_bias)
         self.proj = nn.Linear(self.v_dim, dim, bias=proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         qk, v = self.qkv(x).split([self.qk_width, self.v_dim], dim=-1)
-        q, k = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn and self.groups == [(0, self.num_heads, self.head_dim, 0)]:
-            # Every head at full width: torch's fused kernel applies (it has no fast path for other widths).
-            v = v.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        q, k = qk.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh) each
+        if self.fused_attn and self.values_as_wide_as_qk:
+            # torch's fused kernel applies only here: on CPU it needs V as wide as Q and K.
+            v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.sdpa_scale)
             return self.proj(out.transpose(1, 2).reshape(B, N, self.v_dim))
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # all heads at once
-        outs = []
-        for h0, h1, width, col in self.groups:
-            n = h1 - h0
-            vg = v[..., col : col + n * width].reshape(B, N, n, width).transpose(1, 2)
-            outs.append((attn[:, h0:h1] @ vg).transpose(1, 2).reshape(B, N, n * width))
+        # Scaling the scores in place, rather than q, saves an allocation (A/B: faster at batch 64, within noise at batch 1).
+        attn = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)  # (B, H, N, N)
+        # Per head (B, N, N) @ (B, N, width) on strided views: no reshapes, no copies, no grouping by width.
+        outs = [attn[:, h] @ v[..., start:end] for h, (start, end) in enumerate(self.value_columns)]
         return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1))
 
 
