@@ -78,6 +78,8 @@ def test_nested_and_top_level_typos_and_groups_that_are_not_mappings():
         ("dense:\n  epochs: 1\n   lr: 2\n", "params.yaml:3:"),
         ("- data\n- model\n", "must be a mapping of groups"),
         ("just text\n", "must be a mapping of groups"),
+        ("", "is empty: it needs the groups"),
+        ("# nothing but a comment\n", "is empty: it needs the groups"),
     ],
 )
 def test_malformed_params_file_is_one_line_with_its_place(tmp_path, text, expected):

@@ -307,6 +307,16 @@ def test_rerun_with_a_different_config_refuses_to_mix_checkpoints(dense_run, tmp
 
 
 @needs_fashion
+def test_cli_exits_non_zero_when_training_diverges_and_saves_no_model(tmp_path):
+    params = write_params(tmp_path / "params.yaml")
+    out = tmp_path / "x"
+    run = cli(["--params", str(params), "--method", "dense", "--out", str(out), "--set", "optim.lr=1e6", "optim.min_lr=0"])
+    output = run.communicate(timeout=300)[0]
+    assert run.returncode == 2 and "error: " in output and "non-finite" in output and "Traceback" not in output, output
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+
+
+@needs_fashion
 def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):
     params = write_params(tmp_path / "params.yaml")
     run = cli(["--params", str(params), "--method", "hiap", "--out", str(tmp_path / "x"), "--set", "hiap.tau_min=5", "teacher=t"])

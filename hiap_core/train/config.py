@@ -455,9 +455,11 @@ def load_params(path: str | Path) -> dict:
         raise ConfigError(f"params file {where}: malformed YAML: {problem}") from err
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"params file {path}: cannot be read ({err})") from err
-    if params is not None and not isinstance(params, dict):
+    if params is None:  # an empty or truncated file would otherwise train every default without a word
+        raise ConfigError(f"params file {path} is empty: it needs the groups (data, model, ...) of the project's params.yaml")
+    if not isinstance(params, dict):
         raise ConfigError(f"params file {path} must be a mapping of groups (data, model, ...), got {type(params).__name__}")
-    return params or {}
+    return params
 
 
 def config_from_params(params: dict | str | Path, method: str, overrides: dict | list | None = None) -> RunConfig:
