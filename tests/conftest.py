@@ -10,6 +10,8 @@ from hypothesis import settings, strategies as st
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("ci")
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
 # Small ViTs covering every supported variant: class token / avg pooling, register tokens,
 # no_embed_class, layer scale, fc_norm, pre-norm, biases off.
 TINY_VARIANTS = {

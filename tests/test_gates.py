@@ -75,3 +75,19 @@ def test_samples_stay_fp32_under_mixed_precision(soft):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = gate()
     assert mixed.dtype == torch.float32 and torch.equal(mixed, full)
+
+
+def test_a_compiled_gated_model_is_not_recompiled_as_the_temperature_anneals():
+    import hiap_core
+    from conftest import make_vit
+    from hiap_core.core.gated_vit import gates
+
+    torch._dynamo.reset()
+    pruner = hiap_core.Pruner(make_vit().train(), total_steps=20)
+    compiled = torch.compile(pruner.model, backend="eager")  # the guards, not the code generator, decide
+    x = torch.randn(2, 3, 16, 16)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(6):  # a new tau at every step of the search
+            assert pruner.set_step(step) == pytest.approx(temperature_at(step, pruner.search_steps, 2.0, 0.5))
+            compiled(x).sum().backward()
+    assert all(gate.temperature.item() == pytest.approx(gate.tau) for gate in gates(pruner.model))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import make_vit
+from conftest import make_vit, needs_cuda
 
 import hiap_core
 
@@ -89,10 +89,11 @@ def test_pruner_defaults_are_the_params_yaml_hiap_group():
     assert shared == {n: hiap[n] for n in shared}
 
 
-def test_gates_freeze_after_the_search_and_stay_frozen():
-    model = make_vit(seed=2).train()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_gates_freeze_after_the_search_and_stay_frozen(device):
+    model = make_vit(seed=2).to(device).train()  # on a GPU: gates, controller, rounding and extraction there
     torch.manual_seed(0)
-    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))) for _ in range(20)]
+    batches = [(torch.randn(8, 3, 16, 16, device=device), torch.randint(0, 5, (8,), device=device)) for _ in range(20)]
     pruner = hiap_core.Pruner(model, total_steps=20, target=0.6, init_logit=1.0, search_fraction=0.5)
     optimizer = torch.optim.AdamW(pruner.param_groups(lr=1e-3, weight_decay=0.05, gate_lr=0.3))
     logits_at_freeze = None
@@ -112,7 +113,7 @@ def test_gates_freeze_after_the_search_and_stay_frozen():
     assert all(torch.equal(a, b) for a, b in zip(logits_at_freeze, hiap_core.gate_parameters(model)))
     assert len(pruner.budget_rows) == 10 and 0 < pruner.summary()["settled_step"] <= 10
     small = pruner.finish()
-    x = torch.randn(3, 3, 16, 16)
+    x = torch.randn(3, 3, 16, 16, device=device)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model.eval()(x), atol=1e-5, rtol=1e-5)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import needs_cuda
 from safetensors.torch import load_file
 
 import hiap_core
@@ -550,10 +551,7 @@ def test_losses_and_penalties_stay_fp32_under_autocast():
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in student.parameters())
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda
+@needs_cuda
 def test_bf16_training_step_and_autocast_evaluation_on_cuda():
     from conftest import make_vit
 
@@ -573,7 +571,7 @@ def test_bf16_training_step_and_autocast_evaluation_on_cuda():
     assert 0 <= acc <= 1 and math.isfinite(loss)
 
 
-@cuda
+@needs_cuda
 @needs_fashion
 def test_fp16_run_on_cuda_keeps_its_loss_scale_in_the_checkpoint_and_pins_its_batches(tmp_path):
     cfg = tiny_cfg("dense", tmp_path, **{"optim.amp": "fp16", "optim.epochs": 1})

@@ -57,7 +57,7 @@ def extract(gated: nn.Module) -> PrunedViT:
 
     H, Dh = spec.num_heads, spec.head_dim
     for dst, src, (attn, mlp), layer in zip(model.blocks, gated.blocks, blocks, spec.layers):
-        keep = attn.hard_value_mask()
+        keep = attn.hard_value_mask().cpu()  # indices on the CPU, whatever device the weights are on
         if dst.norm1 is not None:
             copy_norm(dst.norm1, src.norm1)
             heads = torch.tensor(layer.heads)
@@ -71,7 +71,7 @@ def extract(gated: nn.Module) -> PrunedViT:
             dst.ls1.gamma.copy_(src.ls1.gamma)
         if dst.norm2 is not None:
             copy_norm(dst.norm2, src.norm2)
-            neurons = mlp.hard_neuron_mask().nonzero().flatten()
+            neurons = mlp.hard_neuron_mask().nonzero().flatten().cpu()
             copy_linear(dst.mlp.fc1, mlp.fc1, rows=neurons)
             copy_linear(dst.mlp.fc2, mlp.fc2, cols=neurons)
         elif isinstance(dst.mlp, BiasOnly):

@@ -35,8 +35,9 @@ class GatedAttention(nn.Module):
         self.attn_dim, self.scale, self.fused_attn = attn.attn_dim, attn.scale, attn.fused_attn
         self.qkv, self.q_norm, self.k_norm = attn.qkv, attn.q_norm, attn.k_norm
         self.attn_drop, self.norm, self.proj, self.proj_drop = attn.attn_drop, attn.norm, attn.proj, attn.proj_drop
-        self.head_gate = GumbelSigmoidGate(self.num_heads, init_logit, tau)
-        self.value_gate = GumbelSigmoidGate(self.num_heads * self.head_dim, init_logit, tau)
+        device = self.qkv.weight.device  # gates live beside the weights they scale (fp32 whatever their dtype)
+        self.head_gate = GumbelSigmoidGate(self.num_heads, init_logit, tau).to(device)
+        self.value_gate = GumbelSigmoidGate(self.num_heads * self.head_dim, init_logit, tau).to(device)
 
     def value_mask(self) -> torch.Tensor:
         """(heads, head_dim) multiplier of the value path: sampled in training, hard in eval."""
@@ -75,8 +76,9 @@ class GatedMlp(nn.Module):
         super().__init__()
         self.fc1, self.act, self.drop1, self.norm = mlp.fc1, mlp.act, mlp.drop1, mlp.norm
         self.fc2, self.drop2 = mlp.fc2, mlp.drop2
-        self.block_gate = GumbelSigmoidGate(1, init_logit, tau)
-        self.neuron_gate = GumbelSigmoidGate(self.fc1.out_features, init_logit, tau)
+        device = self.fc1.weight.device
+        self.block_gate = GumbelSigmoidGate(1, init_logit, tau).to(device)
+        self.neuron_gate = GumbelSigmoidGate(self.fc1.out_features, init_logit, tau).to(device)
 
     def hard_block_open(self) -> bool:
         return bool(self.block_gate.hard()[0])

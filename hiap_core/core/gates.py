@@ -47,6 +47,8 @@ class GumbelSigmoidGate(nn.Module):
         if not math.isfinite(float(init_logit)):
             raise ValueError(f"gate init_logit must be finite, got {init_logit}")
         self.logits = nn.Parameter(torch.full((int(num_units),), float(init_logit)))
+        # A tensor, not a Python float, in the forward: torch.compile would recompile at every new tau
+        self.register_buffer("temperature", torch.empty(()), persistent=False)
         self.tau = tau
 
     @property
@@ -56,6 +58,7 @@ class GumbelSigmoidGate(nn.Module):
     @tau.setter
     def tau(self, value: float) -> None:
         self._tau = _check_temperature(value)
+        self.temperature.fill_(self._tau)
 
     def forward(self) -> torch.Tensor:
         if not self.training or self.frozen:
@@ -64,7 +67,7 @@ class GumbelSigmoidGate(nn.Module):
         # 0 < a + eps < tau / 128, and the hard threshold s > 0.5 would close units that should be open.
         with torch.autocast(self.logits.device.type, enabled=False):
             u = torch.rand_like(self.logits).clamp_(1e-6, 1.0 - 1e-6)
-            relaxed = torch.sigmoid((self.logits + torch.log(u) - torch.log1p(-u)) / self.tau)
+            relaxed = torch.sigmoid((self.logits + torch.log(u) - torch.log1p(-u)) / self.temperature)
         return relaxed if self.soft else _StraightThrough.apply(relaxed)
 
     def probs(self) -> torch.Tensor:

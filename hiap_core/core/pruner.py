@@ -94,6 +94,7 @@ class Pruner:
         temperature_at(0, self.search_steps, tau0, tau_min)  # checks the schedule before any work
         self.model = model if is_gated(model) else gate_vit(model, init_logit=init_logit, tau=tau0)
         set_gate_forward(self.model, gate_forward)
+        self._gates = gates(self.model)  # walked every step: found once
         self.tau0, self.tau_min = tau0, tau_min
         self.lambda_macro, self.lambda_micro, self.lambda_feas = lambda_macro, lambda_micro, lambda_feas
         self.minimums = (min_heads, min_value_fraction, min_neuron_fraction)
@@ -111,10 +112,11 @@ class Pruner:
 
     @property
     def frozen(self) -> bool:
-        return all(gate.frozen for gate in gates(self.model))
+        return all(gate.frozen for gate in self._gates)
 
     def _hard_structure(self) -> torch.Tensor:
-        return torch.cat([gate.hard() for gate in gates(self.model)])
+        """Every gate's hard state, on the CPU: the model may move to a GPU after the pruner is made."""
+        return torch.cat([gate.hard() for gate in self._gates]).cpu()
 
     @property
     def penalty_scale(self) -> float:
