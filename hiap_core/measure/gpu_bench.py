@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -29,11 +30,12 @@ from ..core.files import atomic_write
 from ..core.gated_vit import gate_vit, set_gate_state
 from ..core.models import cifar_vit_tiny
 from ..core.pruner import Pruner
-from ..train.config import RunConfig, load_params
+from ..train.config import RunConfig, cli, config_from_params, load_params
 from ..train.data import CROP_PADDING, NORMALIZATION, ArrayDataset, TensorLoader
 from ..train.engine import autocast, use_tensor_cores
-from ..train.paths import PARAMS, REPORTS
+from ..train.paths import PARAMS, REPORTS, RUNS
 from ..train.profiles import PROFILES, merge
+from ..train.runs import sweep_overrides
 from .bench import training_step
 from .states import random_feasible_state
 
@@ -67,7 +69,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def images_per_s(fn, batch: int, device: torch.device, seconds: float, warmup: int = 3, max_iters: int = 50) -> float:
+def images_per_s(fn, batch: int, device: torch.device, seconds: float, warmup: int = 3, max_iters: int = 200) -> float:
     """Images per second of `fn` (one batch per call) after `warmup` calls: as many calls as fit in about
     `seconds` (3 to `max_iters`), timed between two device synchronisations."""
     _synchronize(device)
@@ -157,8 +159,8 @@ def bench_inference(workloads: dict, device: torch.device, seconds: float, macs_
 
                 return run
 
-            dense_rate = images_per_s(forward(dense), batch, device, seconds, max_iters=200)
-            pruned_rate = images_per_s(forward(pruned), batch, device, seconds, max_iters=200)
+            dense_rate = images_per_s(forward(dense), batch, device, seconds, max_iters=1000)
+            pruned_rate = images_per_s(forward(pruned), batch, device, seconds, max_iters=1000)
             rows.append(
                 {
                     "model": name,
@@ -195,29 +197,24 @@ def loader_images_per_s(batch: int, device: torch.device, seconds: float, images
     return images_per_s(next_batch, batch, device, seconds, max_iters=10**6)
 
 
-def _train_images(params: dict, group: dict) -> int:
-    """Images per epoch of a run that reads `group`: its own train_subset, else data's, else all of CIFAR-10."""
-    return group.get("train_subset", params["data"].get("train_subset")) or CIFAR_TRAIN_IMAGES
-
-
 def paper_runs(params: dict) -> dict:
-    """The training runs of the study under `params`, by the step they take: {name: (step, group, runs,
-    epochs, train images per epoch)}."""
+    """The training runs of the study under `params`, by the step they take: {name: (step, runs, epochs, train
+    images per epoch, batch size)}, each read from the run config its stage builds."""
     seeds, budgets = len(params["seeds"]), len(params["budgets"])
-    sweep = params["sweep"]
+    ratios = params["sweep"]["ratios"]
+
+    def shape(method: str, overrides: dict | None = None) -> tuple[int, int, int]:
+        teacher = {} if method == "dense" else {"teacher": str(RUNS / "dense")}  # named, not read
+        cfg = config_from_params(params, method, {**teacher, **(overrides or {})})
+        return cfg.optim.epochs, cfg.data.train_subset or CIFAR_TRAIN_IMAGES, cfg.optim.batch_size
+
     return {
-        "dense": ("dense", "dense", 1, params["dense"]["epochs"], _train_images(params, params["dense"])),
+        "dense": ("dense", 1, *shape("dense")),
         # Table 3's HiAP runs, the gate-forward ablation (every seed) and the latency-targeted run
-        "hiap": ("hiap", "hiap", budgets * seeds + seeds + 1, params["hiap"]["epochs"], _train_images(params, params["hiap"])),
+        "hiap": ("hiap", budgets * seeds + seeds + 1, *shape("hiap")),
         # every baseline at every budget and seed, and the unpruned fine-tuning control (every seed)
-        "baselines": (
-            "hiap",
-            "baselines",
-            len(params["baselines"]["methods"]) * budgets * seeds + seeds,
-            params["baselines"]["epochs"],
-            _train_images(params, params["baselines"]),
-        ),
-        "sweep": ("hiap", "hiap", len(sweep["ratios"]), sweep["epochs"], sweep.get("train_subset") or CIFAR_TRAIN_IMAGES),
+        "baselines": ("hiap", len(params["baselines"]["methods"]) * budgets * seeds + seeds, *shape("finetune")),
+        "sweep": ("hiap", len(ratios), *shape("hiap", sweep_overrides(params, next(iter(ratios))))),
     }
 
 
@@ -239,8 +236,8 @@ def paper_profile_estimate(training: list[dict], loader_rates: dict[int, float],
     for precision in PRECISIONS:
         rows = [r for r in training if r["model"] == model and r["precision"] == precision]
         total = 0.0
-        for step, group, count, epochs, train_images in runs.values():
-            row = min(rows, key=lambda r: abs(r["batch"] - params[group]["batch_size"]))
+        for step, count, epochs, train_images, batch_size in runs.values():
+            row = min(rows, key=lambda r: abs(r["batch"] - batch_size))
             per_image = 1 / row[f"{step}_step_images_per_s"] + 1 / loader_rates[row["batch"]]
             total += count * epochs * (train_images * per_image + test_images / row["eval_images_per_s"])
         hours[precision] = total / 3600
@@ -250,8 +247,8 @@ def paper_profile_estimate(training: list[dict], loader_rates: dict[int, float],
         "formula": ESTIMATE_FORMULA,
         "test_images": test_images,
         "runs": {
-            name: {"step": step, "group": group, "runs": count, "epochs": epochs, "train_images": images}
-            for name, (step, group, count, epochs, images) in runs.items()
+            name: {"step": step, "runs": count, "epochs": epochs, "train_images": images, "batch_size": batch_size}
+            for name, (step, count, epochs, images, batch_size) in runs.items()
         },
         "hours": hours,
     }
@@ -315,4 +312,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))
