@@ -185,6 +185,11 @@ def test_latency_cost_run_lands_on_a_latency_target(dense_run, tmp_path):
     fraction = hiap_core.spec_cost(final, costs) / hiap_core.spec_cost(spec.dense(), costs)
     assert metrics["budget"]["cost"] == "latency" and metrics["budget"]["cost_fraction"] == pytest.approx(fraction)
     assert abs(fraction / 0.7 - 1) <= 0.01
+    assert engine.train(cfg) == metrics  # the same table: the finished run is resumed, not retrained
+    table["coefficients"]["head"] = 0.5  # re-measured under the same path: the run it would resume is another
+    (tmp_path / "table.json").write_text(json.dumps(table))
+    with pytest.raises(ConfigError, match=r"different config \(hiap.cost_table's coefficients\)"):
+        engine.train(cfg)
 
 
 def test_baselines_reach_targets_or_say_why():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -409,6 +410,8 @@ class Trainer:
         state = self._load_checkpoint()
         if state is not None:
             changed = changed_fields(state["config"], self.cfg.to_dict())
+            if self.cfg.method == "hiap" and self.cfg.hiap.cost == "latency" and state.get("unit_costs") != self._unit_costs():
+                changed.append("hiap.cost_table's coefficients")  # the same path, re-measured: another run
             if changed and not self.restart_on_config_change:
                 raise ConfigError(
                     f"{self.checkpoint} was written with a different config ({', '.join(changed)}): "
@@ -430,6 +433,10 @@ class Trainer:
             self.pruner.load_state_dict(state)
         self._log(f"[{self.out.name}] resuming {self.out} after epoch {state['epoch']}/{self.cfg.optim.epochs}")
         return state["epoch"]
+
+    def _unit_costs(self) -> dict:
+        """The unit costs the penalties used: MACs follow from the config, a latency table's from its file."""
+        return dataclasses.asdict(self.pruner.costs)
 
     def _load_checkpoint(self) -> dict | None:
         """The checkpoint's state; None without one. An unreadable one (written by something other than this
@@ -560,7 +567,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),  # empty unless fp16
         }
         if self.pruner is not None:
-            state.update(self.pruner.state_dict())
+            state.update(self.pruner.state_dict(), unit_costs=self._unit_costs())
         atomic_write(self.checkpoint, lambda p: torch.save(state, p))
         budget_rows = self.pruner.budget_rows if self.pruner is not None else []
         _write_reports(self.out, self.history, self.gate_rows, budget_rows)
