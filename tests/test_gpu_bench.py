@@ -47,7 +47,8 @@ def test_writes_finite_positive_figures_for_every_step_precision_and_batch(tiny_
     training = {(r["model"], r["batch"], r["precision"]) for r in result["training"]}
     assert training == {("tiny_vit", b, p) for b in (4, 8) for p in ("fp32", "bf16")}
     for row in result["training"]:
-        assert {"dense_step_images_per_s", "hiap_step_images_per_s", "eval_images_per_s"} <= set(row)
+        assert {f"{step}_step_images_per_s" for step in ("dense", "kd", "hiap", "hiap_frozen")} < set(row)
+        assert "eval_images_per_s" in row
     assert [r["batch"] for r in result["inference"]] == [1, 4, 8]
     assert all(r["precision"] == "bf16" and abs(r["macs_fraction"] - 0.5) <= 0.005 for r in result["inference"])
     assert [r["batch"] for r in result["loader"]] == [4, 8]
@@ -63,7 +64,12 @@ def test_estimates_the_paper_profile_from_the_study_runs(tiny_result):
         "baselines": (3 * 2 * 3 + 3, 200, 50_000),  # every baseline, the fine-tuning control
         "sweep": (5, 50, 50_000),
     }
+    search = {"hiap": 0.05, "hiap_frozen": 0.95}  # the paper profile's gates search for 5% of each run
+    steps = {name: r["steps"] for name, r in estimate["runs"].items()}
+    assert steps == {"dense": {"dense": 1.0}, "hiap": search, "baselines": {"kd": 1.0}, "sweep": search}
     assert set(estimate["hours"]) == {"fp32", "bf16"} and "hours = sum over runs" in estimate["formula"]
+    for hours in estimate["hours"].values():
+        assert hours["total"] == pytest.approx(sum(hours[name] for name in runs))
 
 
 def test_a_cpu_run_must_name_its_output_and_cuda_needs_a_gpu(tmp_path):

@@ -1,9 +1,10 @@
 """GPU benchmark (`make bench-gpu`, `python -m hiap_core.measure.gpu_bench`) -> `reports/benchmarks/gpu.json`.
 
-- Training steps, images/s, fp32 (TF32 matmuls) and bf16 autocast: dense (cross-entropy) and HiAP (teacher
-  forward, gated student, penalties, budget control: the engine's step) for the CIFAR ViT-Tiny at batch
-  128 and 512 and DeiT-S at 256 (halved until it fits), with the evaluation forward and the in-memory
-  loader (synthetic CIFAR-shaped images, crop and flip, pinned, copied to the device).
+- Training steps, images/s, fp32 (TF32 matmuls) and bf16 autocast, as the engine takes them: dense
+  (cross-entropy), KD (a baseline's or the control's fine-tune: plus the teacher forward), HiAP while its
+  gates search (plus the gates, penalties and budget control) and once they are frozen, for the CIFAR
+  ViT-Tiny at batch 128 and 512 and DeiT-S at 256 (halved until it fits), with the evaluation forward and
+  the in-memory loader (synthetic CIFAR-shaped images, crop and flip, pinned, copied to the device).
 - Inference, images/s, bf16: a model extracted at ~50% of dense MACs (random feasible gate state) vs
   dense, at batch 1, 64 and 256.
 - The wall time of the `paper` profile estimated from these figures (the formula is in the JSON).
@@ -87,20 +88,27 @@ def images_per_s(fn, batch: int, device: torch.device, seconds: float, warmup: i
 
 
 def _training_rates(build, side: int, batch: int, device: torch.device, dtype, seconds: float) -> dict:
-    """Images/s of the dense step, the HiAP step and the evaluation forward at one batch and precision."""
+    """Images/s at one batch and precision of the steps a study run takes (dense: cross-entropy; KD: a
+    baseline's or the control's fine-tune; HiAP while its gates search and once they are frozen) and of
+    the evaluation forward."""
     torch.manual_seed(0)
     dense = build().to(device).train()
     teacher = copy.deepcopy(dense).eval()
-    gated = copy.deepcopy(dense)
-    pruner = Pruner(gated, total_steps=10**6, target=HIAP_TARGET)  # the search phase: the dearest steps
-    gated.train()
+    searching, frozen = copy.deepcopy(dense), copy.deepcopy(dense)
+    search = Pruner(searching, total_steps=10**6, target=HIAP_TARGET)  # the search phase: the dearest steps
+    # the search ends after one step: the second (a warmup call) rounds to the target and freezes the gates
+    after_search = Pruner(frozen, total_steps=10**6, target=HIAP_TARGET, search_fraction=1e-6)
     x = torch.randn(batch, 3, side, side, device=device)
     y = torch.randint(0, dense.num_classes, (batch,), device=device)
     cfg = RunConfig(method="hiap")
-    rates = {
-        "dense_step_images_per_s": images_per_s(training_step(dense, cfg, x, y, amp_dtype=dtype), batch, device, seconds),
-        "hiap_step_images_per_s": images_per_s(training_step(gated, cfg, x, y, teacher, pruner, dtype), batch, device, seconds),
+    steps = {
+        "dense": training_step(dense, cfg, x, y, amp_dtype=dtype),
+        "kd": training_step(copy.deepcopy(teacher).train(), cfg, x, y, teacher, amp_dtype=dtype),
+        "hiap": training_step(searching.train(), cfg, x, y, teacher, search, dtype),
+        "hiap_frozen": training_step(frozen.train(), cfg, x, y, teacher, after_search, dtype),
     }
+    rates = {f"{name}_step_images_per_s": images_per_s(step, batch, device, seconds) for name, step in steps.items()}
+    assert after_search.frozen and not search.frozen  # each step measured the phase it names
 
     def evaluate():
         with torch.inference_mode(), autocast(dtype, device):
@@ -198,32 +206,36 @@ def loader_images_per_s(batch: int, device: torch.device, seconds: float, images
 
 
 def paper_runs(params: dict) -> dict:
-    """The training runs of the study under `params`, by the step they take: {name: (step, runs, epochs, train
-    images per epoch, batch size)}, each read from the run config its stage builds."""
+    """The training runs of the study under `params`: {group: {runs, epochs, train_images, batch_size, steps}},
+    each read from the run config its stage builds; `steps` is the share of its steps of each kind."""
     seeds, budgets = len(params["seeds"]), len(params["budgets"])
     ratios = params["sweep"]["ratios"]
 
-    def shape(method: str, overrides: dict | None = None) -> tuple[int, int, int]:
+    def shape(count: int, method: str, overrides: dict | None = None) -> dict:
         teacher = {} if method == "dense" else {"teacher": str(RUNS / "dense")}  # named, not read
         cfg = config_from_params(params, method, {**teacher, **(overrides or {})})
-        return cfg.optim.epochs, cfg.data.train_subset or CIFAR_TRAIN_IMAGES, cfg.optim.batch_size
+        search = cfg.hiap.search_fraction
+        steps = {"hiap": search, "hiap_frozen": 1 - search} if method == "hiap" else {"dense" if method == "dense" else "kd": 1.0}
+        images, batch = cfg.data.train_subset or CIFAR_TRAIN_IMAGES, cfg.optim.batch_size
+        return {"runs": count, "epochs": cfg.optim.epochs, "train_images": images, "batch_size": batch, "steps": steps}
 
     return {
-        "dense": ("dense", 1, *shape("dense")),
+        "dense": shape(1, "dense"),
         # Table 3's HiAP runs, the gate-forward ablation (every seed) and the latency-targeted run
-        "hiap": ("hiap", budgets * seeds + seeds + 1, *shape("hiap")),
+        "hiap": shape(budgets * seeds + seeds + 1, "hiap"),
         # every baseline at every budget and seed, and the unpruned fine-tuning control (every seed)
-        "baselines": ("hiap", len(params["baselines"]["methods"]) * budgets * seeds + seeds, *shape("finetune")),
-        "sweep": ("hiap", len(ratios), *shape("hiap", sweep_overrides(params, next(iter(ratios))))),
+        "baselines": shape(len(params["baselines"]["methods"]) * budgets * seeds + seeds, "finetune"),
+        "sweep": shape(len(ratios), "hiap", sweep_overrides(params, next(iter(ratios)))),
     }
 
 
 ESTIMATE_FORMULA = (
-    "hours = sum over runs of epochs * (train_images * (1 / step + 1 / loader) + test_images / eval) / 3600, with the "
-    "images/s of the benchmarked CIFAR model at the batch nearest the run's batch_size: step = dense_step for the "
-    "teacher, hiap_step for HiAP, the sweep and (an upper bound: no gates, a smaller student) the baselines and the "
-    "control; loader at that batch; eval = the evaluation forward. Not counted: process start, reading CIFAR-10, "
-    "extraction, the notebooks and the CPU stages (cost_table, latency, bench)."
+    "hours = sum over runs of epochs * (train_images * (sum over its steps of share / step + 1 / loader) + "
+    "test_images / eval) / 3600, with the images/s of the benchmarked CIFAR model at the batch nearest the run's "
+    "batch_size: the teacher's steps are dense_step, a baseline's and the control's kd_step, a HiAP or sweep run's "
+    "hiap_step while its gates search (hiap.search_fraction of its steps) and hiap_frozen_step after; loader at "
+    "that batch; eval = the evaluation forward. Not counted: process start, reading CIFAR-10, extraction, the "
+    "notebooks and the CPU stages (cost_table, latency, bench)."
 )
 
 
@@ -235,21 +247,20 @@ def paper_profile_estimate(training: list[dict], loader_rates: dict[int, float],
     hours = {}
     for precision in PRECISIONS:
         rows = [r for r in training if r["model"] == model and r["precision"] == precision]
-        total = 0.0
-        for step, count, epochs, train_images, batch_size in runs.values():
-            row = min(rows, key=lambda r: abs(r["batch"] - batch_size))
-            per_image = 1 / row[f"{step}_step_images_per_s"] + 1 / loader_rates[row["batch"]]
-            total += count * epochs * (train_images * per_image + test_images / row["eval_images_per_s"])
-        hours[precision] = total / 3600
+        per_group = {}
+        for name, run in runs.items():
+            row = min(rows, key=lambda r: abs(r["batch"] - run["batch_size"]))
+            per_image = sum(share / row[f"{step}_step_images_per_s"] for step, share in run["steps"].items())
+            per_image += 1 / loader_rates[row["batch"]]
+            epoch = run["train_images"] * per_image + test_images / row["eval_images_per_s"]
+            per_group[name] = run["runs"] * run["epochs"] * epoch / 3600
+        hours[precision] = {"total": sum(per_group.values()), **per_group}
     return {
         "profile": "paper",
         "model": model,
         "formula": ESTIMATE_FORMULA,
         "test_images": test_images,
-        "runs": {
-            name: {"step": step, "runs": count, "epochs": epochs, "train_images": images, "batch_size": batch_size}
-            for name, (step, count, epochs, images, batch_size) in runs.items()
-        },
+        "runs": runs,
         "hours": hours,
     }
 
@@ -273,7 +284,7 @@ def run(device: torch.device, tiny: bool, budget_s: float) -> dict:
     use_tensor_cores(device)
     workloads = TINY_WORKLOADS if tiny else WORKLOADS
     estimate_model = next(iter(workloads))  # the CIFAR ViT-Tiny: the model of the paper profile
-    per_workload = [3 * len(PRECISIONS) * len(w[2]) + 2 * len(w[3]) for w in workloads.values()]
+    per_workload = [5 * len(PRECISIONS) * len(w[2]) + 2 * len(w[3]) for w in workloads.values()]  # 4 steps + eval
     seconds = budget_s / (sum(per_workload) + len(workloads[estimate_model][2]))  # + the loader at each batch
     training = bench_training(workloads, device, seconds)
     inference = bench_inference(workloads, device, seconds)
