@@ -9,12 +9,15 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hiap_core.train import data
 from hiap_core.train.config import ConfigError, DataConfig, RunConfig
 
 FASHION = data.FASHION_MNIST_DIRS[0]
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (make data)")
+PINNED_FIRST_VALIDATION_IDS = [1, 3, 47, 49, 80]  # of Fashion-MNIST's training file, data.val_size 5000
 
 
 @needs_fashion
@@ -125,9 +128,10 @@ def write_image_folder(root, classes=3, per_class=4, size=40):
 
 def test_imagenet_folder_loader_uses_deit_preprocessing(tmp_path):
     root = write_image_folder(tmp_path)
-    cfg = DataConfig(dataset="imagenet", root=str(root), workers=0)
-    train, val, classes = data.build_loaders(cfg, img_size=32, batch_size=4, seed=0)
-    assert classes == 3 and len(train) == 3 and len(val) == 3
+    cfg = DataConfig(dataset="imagenet", root=str(root), workers=0, val_size=0)
+    loaders = data.build_loaders(cfg, img_size=32, batch_size=4, seed=0)
+    train, val, classes = loaders.train, loaders.test, loaders.num_classes
+    assert classes == 3 and len(train) == 3 and len(val) == 3 and loaders.val is None
     x, y = next(iter(train))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.max() < 3
     assert abs(float(x.mean())) < 3  # normalised with ImageNet mean/std
@@ -141,7 +145,7 @@ def test_imagenet_folder_loader_uses_deit_preprocessing(tmp_path):
 def test_augmentation_is_a_padded_crop_with_optional_flip():
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
-    out = data.augment_batch(images, 2, gen)
+    out, _ = data.augment_batch(images, 2, gen)
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for b in range(32):
         crops = [padded[b, :, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
@@ -188,3 +192,42 @@ def test_loader_shards_global_batches_across_ranks_and_is_deterministic():
     assert not torch.equal(next(iter(again))[1], single[0][1])
     test = data.TensorLoader(ds, 16, (0.5,), (0.5,), False, rank=1, world=2)
     assert sum(len(y) for _, y in test) == 20
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=20, max_size=200), st.integers(1, 19))
+def test_validation_split_is_stratified_disjoint_and_fixed(labels, size):
+    labels = torch.tensor(labels)
+    train, val = data.validation_split(labels, size)
+    assert len(val) == size and len(train) + len(val) == len(labels)
+    assert not set(train.tolist()) & set(val.tolist())
+    again = data.validation_split(labels.clone(), size)  # the same on every call, machine and run seed
+    assert torch.equal(again[0], train) and torch.equal(again[1], val)
+    for cls, count in zip(*torch.unique(labels, return_counts=True)):
+        held = int((labels[val] == cls).sum())
+        assert abs(held - float(count) * size / len(labels)) < 1 + 1e-9
+
+
+@needs_fashion
+def test_validation_split_of_fashion_mnist_is_pinned_and_never_meets_training_or_test():
+    cfg = DataConfig(train_subset=1000, test_subset=100)
+    loaders = data.build_loaders(cfg, img_size=28, batch_size=64, seed=3)
+    val_ids, train_ids = loaders.val.data.ids, loaders.train.data.ids
+    assert len(val_ids) == 5000 and torch.bincount(loaders.val.data.labels).tolist() == [500] * 10
+    assert not set(val_ids.tolist()) & set(train_ids.tolist())
+    other_seed = data.build_loaders(cfg, img_size=28, batch_size=64, seed=4)
+    assert torch.equal(other_seed.val.data.ids, val_ids) and not torch.equal(other_seed.train.data.ids, train_ids)
+    assert val_ids[:5].tolist() == PINNED_FIRST_VALIDATION_IDS  # a change would re-split every machine's data
+    with pytest.raises(ConfigError, match="data.val_size"):
+        data.build_loaders(DataConfig(val_size=60000), img_size=28, batch_size=64, seed=0)
+
+
+def test_view_keys_name_each_sample_and_its_flip():
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    ds = data.ArrayDataset(images, torch.arange(40), 40, ids=torch.arange(100, 140))
+    loader = data.TensorLoader(ds, 8, (0.0,), (1.0,), True, seed=1, augment="flip", keys=True)
+    for x, y, key in loader:
+        ids, flipped = key // 2, key % 2 == 1
+        assert torch.equal(ids - 100, y)
+        original = images[y].float() / 255
+        assert torch.equal(torch.where(flipped[:, None, None, None], original.flip(-1), original), x)

@@ -44,7 +44,7 @@ def enable_tiny_imagenet(repo: Path, tmp: Path) -> None:
     params["imagenet"] = {
         "enabled": True,
         "nproc_per_node": 2,
-        "data": {"dataset": "imagenet", "root": str(folder), "workers": 0},
+        "data": {"dataset": "imagenet", "root": str(folder), "workers": 0, "val_size": 0},  # 12 images: no split
         "model": {
             "name": "deit_tiny_patch16_224",
             "img_size": 32,

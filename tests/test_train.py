@@ -19,7 +19,7 @@ from hiap_core.train.config import ConfigError, RunConfig, apply_overrides, conf
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
-    "data": {"dataset": "fashion_mnist", "train_subset": 384, "test_subset": 128},
+    "data": {"dataset": "fashion_mnist", "val_size": 128, "train_subset": 384, "test_subset": 128},
     "model": {
         "name": "custom",
         "img_size": 28,
@@ -127,7 +127,7 @@ def test_dense_hiap_and_baselines_end_to_end(dense_run, tmp_path):
     hiap = engine.train(tiny_cfg("hiap", tmp_path / "hiap", teacher=str(dense_dir)))
     history = pd.read_csv(tmp_path / "hiap" / "history.csv")
     assert list(history["epoch"]) == [1, 2, 3]
-    assert {"test_acc", "train_task", "train_macro", "train_micro", "train_feas", "tau", "expected_macs", "hard_macs"} <= set(
+    assert {"val_acc", "train_task", "train_macro", "train_micro", "train_feas", "tau", "expected_macs", "hard_macs"} <= set(
         history
     )
     assert history["tau"].is_monotonic_decreasing and history["tau"].iloc[-1] == pytest.approx(0.5, rel=0.1)
@@ -585,3 +585,28 @@ def test_fp16_run_on_cuda_keeps_its_loss_scale_in_the_checkpoint_and_pins_its_ba
     assert math.isfinite(metrics["test_loss"])
     assert all(t.is_pinned() for t in next(iter(trainer.train_loader)))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["scaler"]["scale"] > 0
+
+
+@needs_fashion
+def test_a_student_of_a_retrained_teacher_is_another_run(dense_run, tmp_path, capsys):
+    """The checkpoint keeps the sha256 of the teacher's weights: the same folder with new weights (a teacher
+    retrained in place) is refused by hand, naming it, and started over by a pipeline stage."""
+    import shutil
+
+    teacher = tmp_path / "dense"
+    shutil.copytree(dense_run[0], teacher)
+    student = tiny_cfg("finetune", tmp_path / "ft", teacher=str(teacher))
+    first = engine.train(student)
+    assert engine.train(tiny_cfg("finetune", tmp_path / "ft", teacher=str(teacher)))["test_acc"] == first["test_acc"]
+    weights = teacher / "model" / "model.safetensors"
+    model = hiap_core.load_pruned(teacher / "model")
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    hiap_core.save_pruned(model, teacher / "model")
+    assert weights.read_bytes() != (dense_run[0] / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="teacher's weights"):
+        engine.train(tiny_cfg("finetune", tmp_path / "ft", teacher=str(teacher)))
+    trainer = engine.Trainer(tiny_cfg("finetune", tmp_path / "ft", teacher=str(teacher)), restart_on_config_change=True)
+    capsys.readouterr()
+    trainer.run()
+    assert "another config (teacher's weights): starting over" in capsys.readouterr().out

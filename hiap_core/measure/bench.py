@@ -125,7 +125,7 @@ def bench_train_loop(params: Path, rounds: int) -> dict:
     penalties, feasibility, budget control); and the evaluation forward. Where a study run's time goes."""
     dense_cfg = config_from_params(params, "dense", {"progress": False})
     hiap_cfg = config_from_params(params, "hiap", {"progress": False, "teacher": "unused"})
-    train_loader, _, _ = build_loaders(dense_cfg.data, dense_cfg.model.img_size, dense_cfg.optim.batch_size, 0)
+    train_loader = build_loaders(dense_cfg.data, dense_cfg.model.img_size, dense_cfg.optim.batch_size, 0).train
     start = time.perf_counter()
     images = sum(len(y) for _, y in train_loader)
     loader_images_per_s = images / (time.perf_counter() - start)

@@ -36,7 +36,7 @@ def gate_gradients(params: dict, teacher: str | Path, batches: int = 16, seed: i
     d logit for the teacher gated as HiAP's search starts (`hiap` settings of `params`, logits at
     `init_logit`, temperature `tau0`), the task gradient averaged over `batches` training batches."""
     cfg = config_from_params(params, "hiap", {"teacher": str(teacher), "seed": seed})
-    train_loader, _, _ = build_loaders(cfg.data, cfg.model.img_size, cfg.optim.batch_size, seed)
+    train_loader = build_loaders(cfg.data, cfg.model.img_size, cfg.optim.batch_size, seed).train
     teacher_model = load_teacher(cfg).eval()
     torch.manual_seed(seed)
     pruner = make_pruner(cfg, build_model(cfg, teacher_model), total_steps=1)

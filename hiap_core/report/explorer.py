@@ -28,7 +28,7 @@ class Run:
     """One study run as the explorer reads it."""
 
     name: str
-    history: pd.DataFrame  # per epoch: test_acc, lr, and for HiAP tau, expected_macs, hard_macs
+    history: pd.DataFrame  # per epoch: val_acc, lr, and for HiAP tau, expected_macs, hard_macs
     gates: pd.DataFrame  # per epoch and layer: heads, value_dims_total, neurons (final structure if not HiAP)
     budget: pd.DataFrame | None  # per step, budget-exact runs only
     metrics: dict
@@ -100,8 +100,8 @@ def evolution_plot(run: Run, epoch: int | None = None):
         axes[1][0].axhline(run.metrics["target_macs"], color="tab:gray", ls="--", label="target")
     axes[1][0].set(title="cost, fraction of dense MACs", ylim=(0, 1.05))
     axes[1][0].legend(fontsize=7)
-    axes[1][1].plot(run.history["epoch"], 100 * run.history["test_acc"], "o-")
-    axes[1][1].set_title(f"test accuracy (%), final {100 * run.metrics['test_acc']:.2f}")
+    axes[1][1].plot(run.history["epoch"], 100 * run.history["val_acc"], "o-")
+    axes[1][1].set_title(f"validation accuracy (%); final test {100 * run.metrics['test_acc']:.2f}")
     _schedule_panel(axes[1][2], run)
     for ax in axes.flat:
         ax.set_xlabel("epoch")
@@ -149,7 +149,7 @@ def comparison_plot(runs: list[Run], epoch: int | None = None):
             ax.set_title(f"{label} kept per layer (of {run.full(kind)})")
         cost = _cost_fractions(run)
         axes[3].plot(cost["epoch"], cost["hard"], "o-", color=plt.cm.tab10(i), label=run.name)
-        axes[4].plot(run.history["epoch"], 100 * run.history["test_acc"], "o-", color=plt.cm.tab10(i), label=run.name)
+        axes[4].plot(run.history["epoch"], 100 * run.history["val_acc"], "o-", color=plt.cm.tab10(i), label=run.name)
     for ax in axes[:3]:
         ax.set_yticks(range(len(runs[0].spec.layers)))
         ax.set_ylabel("layer")

@@ -81,12 +81,12 @@ def temperature_plot(tau0: float, tau_min: float, history: pd.DataFrame, search_
 
 
 def learning_curve_plot(history: pd.DataFrame, title: str):
-    """Test accuracy (left) and train / test loss (right) per epoch of one run."""
+    """Validation accuracy (left) and train / validation loss (right) per epoch of one run."""
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(10, 3.5))
-    acc.plot(history["epoch"], 100 * history["test_acc"], "o-")
-    acc.set_ylabel("test accuracy (%)")
+    acc.plot(history["epoch"], 100 * history["val_acc"], "o-")
+    acc.set_ylabel("validation accuracy (%)")
     loss.plot(history["epoch"], history["train_loss"], "o-", label="train (augmented, label smoothing)")
-    loss.plot(history["epoch"], history["test_loss"], "o-", label="test")
+    loss.plot(history["epoch"], history["val_loss"], "o-", label="validation")
     loss.set_ylabel("loss")
     loss.legend(fontsize=8)
     for ax in (acc, loss):

@@ -38,7 +38,8 @@ class DataConfig:
     root: str | None = None  # None: the dataset's default places (Debian's package for Fashion-MNIST)
     download: bool = True  # fetch official files when absent and the network allows
     checksum: str | None = None  # CIFAR-10 archive md5 override (None: the official archive)
-    train_subset: int | None = None  # deterministic random subset sizes (quick profiles)
+    val_size: int = 5000  # training images held out (stratified, fixed) for every recipe choice; 0: none
+    train_subset: int | None = None  # deterministic random subset sizes of the rest (quick profiles)
     test_subset: int | None = None
     augment: str = "flip"  # crop_flip | flip | none (a shifted crop moves content across patch borders)
     workers: int = 4  # ImageNet loader processes
@@ -166,15 +167,23 @@ def _as_number(value, allowed: tuple[type, ...]):
     return value
 
 
-def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
-    """(field, holds, rule) for the value ranges of every group."""
+def _data_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    """(field, holds, rule) for the `data` group (a validation split larger than the training set is refused
+    where the set's size is known, `data.validation_split`)."""
     return [
-        ("method", cfg.method in METHODS, f"must be one of {', '.join(METHODS)}"),
         ("data.dataset", cfg.data.dataset in DATASETS, f"must be one of {', '.join(DATASETS)}"),
         ("data.augment", cfg.data.augment in AUGMENTATIONS, f"must be one of {', '.join(AUGMENTATIONS)}"),
         ("data.train_subset", cfg.data.train_subset is None or cfg.data.train_subset >= 1, "must be >= 1 or null"),
         ("data.test_subset", cfg.data.test_subset is None or cfg.data.test_subset >= 1, "must be >= 1 or null"),
+        ("data.val_size", cfg.data.val_size >= 0, "must be >= 0 (0: no validation split)"),
         ("data.workers", cfg.data.workers >= 0, "must be >= 0"),
+    ]
+
+
+def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    """(field, holds, rule) for the value ranges of every group."""
+    return [
+        ("method", cfg.method in METHODS, f"must be one of {', '.join(METHODS)}"),
         ("model.img_size", cfg.model.img_size >= 1, "must be >= 1"),
         (
             "model.patch_size",
@@ -267,7 +276,7 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.optim.amp is False:  # YAML 1.1 reads a bare `off` (params.yaml, --set optim.amp=off) as false
         cfg.optim.amp = "off"
     _check_types(cfg, "")
-    for name, ok, rule in _range_rules(cfg) + _cost_rules(cfg):
+    for name, ok, rule in _data_rules(cfg) + _range_rules(cfg) + _cost_rules(cfg):
         if not ok:
             _fail(name, _get(cfg, name), rule)
     if cfg.method in ("uniform", "l1_ffn", "torch_pruning"):

@@ -59,18 +59,47 @@ NORMALIZATION = {  # (mean, std) per channel
 CROP_PADDING = {"fashion_mnist": 2, "cifar10": 4}
 
 
+SPLIT_SEED = 0  # the validation split is one fixed set, whatever the run's seed
+
+
 @dataclass
 class ArrayDataset:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor  # int64 (N,)
     num_classes: int
+    ids: torch.Tensor | None = None  # int64 (N,): each sample's index in its split's file (None: 0..N-1)
+
+    def __post_init__(self):
+        if self.ids is None:
+            self.ids = torch.arange(len(self.labels))
+
+    def take(self, keep: torch.Tensor) -> ArrayDataset:
+        return ArrayDataset(self.images[keep], self.labels[keep], self.num_classes, self.ids[keep])
 
     def subset(self, size: int | None, seed: int) -> ArrayDataset:
         """A deterministic random subset of `size` samples (all when None or larger)."""
         if size is None or size >= len(self.labels):
             return self
-        keep = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))[:size].sort().values
-        return ArrayDataset(self.images[keep], self.labels[keep], self.num_classes)
+        return self.take(torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))[:size].sort().values)
+
+
+def validation_split(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices) of a training set: `size` samples held out, stratified (each
+    class in proportion, largest remainders rounded up), drawn with a fixed seed, so the split is the same
+    on every machine and for every run. Both sorted; they never overlap."""
+    n = len(labels)
+    if not 0 <= size < n:
+        raise ConfigError(f"invalid config: data.val_size = {size}: must be in [0, {n}), the training set has {n} images")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * size / n
+    quota = exact.floor().long()
+    quota[torch.argsort(exact - quota, descending=True, stable=True)[: size - int(quota.sum())]] += 1
+    held = torch.zeros(n, dtype=torch.bool)
+    for cls, k in zip(classes.tolist(), quota.tolist()):
+        members = order[labels[order] == cls]
+        held[members[:k]] = True
+    return (~held).nonzero().flatten(), held.nonzero().flatten()
 
 
 def _download(url: str, dest: Path) -> None:
@@ -195,9 +224,9 @@ def load_cifar10(split: str, root: str | None = None, download: bool = True, md5
     return ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64), 10)
 
 
-def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crop with zero padding (none at `padding` 0) and horizontal flip, per sample, on a uint8
-    batch (B, C, H, W)."""
+    batch (B, C, H, W); returns the batch and which samples were flipped."""
     B, C, H, W = images.shape
     padded = F.pad(images, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator)
@@ -207,7 +236,7 @@ def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator
     flip = torch.rand(B, generator=generator) < 0.5
     cols = torch.where(flip[:, None, None], 2 * dx[:, :, None] + W - 1 - cols, cols)
     batch_index = torch.arange(B)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2)
+    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2), flip
 
 
 class TensorLoader:
@@ -216,7 +245,8 @@ class TensorLoader:
     Training: reshuffled each epoch, last incomplete batch dropped, each of `world` ranks gets its
     contiguous slice of every global batch. Evaluation: in order, ranks take interleaved samples.
     `pin_memory` (for a CUDA device): batches in page-locked memory, so `.to(device, non_blocking=True)`
-    copies while the host goes on.
+    copies while the host goes on. `keys` (training): each batch also carries every sample's view key,
+    `2 * id + flipped`, which indexes cached teacher logits (`teacher_cache`).
     """
 
     def __init__(
@@ -232,6 +262,7 @@ class TensorLoader:
         rank: int = 0,
         world: int = 1,
         pin_memory: bool = False,
+        keys: bool = False,
     ):
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
@@ -242,7 +273,7 @@ class TensorLoader:
             )
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
         self.augment, self.padding, self.rank, self.world = augment != "none", padding, rank, world
-        self.pin_memory = pin_memory
+        self.pin_memory, self.keys = pin_memory, keys
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.epoch = 0
@@ -271,21 +302,23 @@ class TensorLoader:
         local = self.batch_size // self.world
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            images = self.data.images[idx]
+            images, flipped = self.data.images[idx], torch.zeros(len(idx), dtype=torch.bool)
             if self.augment:
                 gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + b)
-                images = augment_batch(images, self.padding, gen)
+                images, flipped = augment_batch(images, self.padding, gen)
             mine = slice(self.rank * local, (self.rank + 1) * local)
-            yield self._batch(images[mine], self.data.labels[idx][mine])
+            batch = self._batch(images[mine], self.data.labels[idx][mine])
+            yield (*batch, (2 * self.data.ids[idx] + flipped)[mine]) if self.keys else batch
 
 
 class ImageFolderLoader:
     """ImageNet-style folders with timm/DeiT preprocessing (RandomResizedCrop, flip, colour jitter;
-    eval resize + center crop), ImageNet mean/std, a DataLoader with worker processes."""
+    eval resize + center crop), ImageNet mean/std, a DataLoader with worker processes. `indices`: the
+    samples of the folder to use (None: all)."""
 
     def __init__(
         self,
-        folder: Path,
+        dataset,
         img_size: int,
         batch_size: int,
         train: bool,
@@ -293,20 +326,18 @@ class ImageFolderLoader:
         workers: int = 4,
         rank: int = 0,
         world: int = 1,
-        subset: int | None = None,
+        indices: torch.Tensor | None = None,
         pin_memory: bool = False,
     ):
         import timm.data
         from torch.utils.data import DataLoader, DistributedSampler, Subset
-        from torchvision.datasets import ImageFolder
 
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
-        dataset = ImageFolder(str(folder), transform=timm.data.create_transform(img_size, is_training=train))
+        dataset.transform = timm.data.create_transform(img_size, is_training=train)
         self.num_classes = len(dataset.classes)
-        if subset is not None and subset < len(dataset):
-            keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:subset].sort().values
-            dataset = Subset(dataset, keep.tolist())
+        if indices is not None:
+            dataset = Subset(dataset, indices.tolist())
         self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train)
         self.loader = DataLoader(
             dataset,
@@ -328,7 +359,10 @@ class ImageFolderLoader:
         return iter(self.loader)
 
 
-def _imagenet_folder(root: str | None, split: str) -> Path:
+def _imagenet_folder(root: str | None, split: str):
+    """The ImageFolder dataset of `root/split` (no transform yet)."""
+    from torchvision.datasets import ImageFolder
+
     if not root:
         raise DatasetError(
             "ImageNet needs data.root: a folder with train/ and val/ in ImageFolder layout (one subfolder per class)."
@@ -338,25 +372,61 @@ def _imagenet_folder(root: str | None, split: str) -> Path:
         raise DatasetError(f"ImageNet folder {folder} is missing: data.root must hold train/ and val/ (ImageFolder layout).")
     if not any(p.is_dir() for p in folder.iterdir()):
         raise DatasetError(f"{folder} has no class subfolders: expected {folder}/<class>/<image>.JPEG.")
-    return folder
+    return ImageFolder(str(folder))
 
 
-def build_loaders(cfg, img_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, pin_memory: bool = False):
-    """(train loader, test loader, num_classes) for `cfg` (a `config.DataConfig`); `pin_memory` for a CUDA device."""
-    if cfg.dataset == "imagenet":
-        make = lambda split, train, subset: ImageFolderLoader(  # noqa: E731
-            _imagenet_folder(cfg.root, split), img_size, batch_size, train, seed, cfg.workers, rank, world, subset, pin_memory
-        )
-        train = make("train", True, cfg.train_subset)
-        return train, make("val", False, cfg.test_subset), train.num_classes
+def _random_subset(indices: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    if size is None or size >= len(indices):
+        return indices
+    return indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:size].sort().values]
+
+
+@dataclass
+class Loaders:
+    """A run's data: training (the training images less the validation split, or a subset of them),
+    validation (None with `data.val_size` 0) and test."""
+
+    train: TensorLoader | ImageFolderLoader
+    val: TensorLoader | ImageFolderLoader | None
+    test: TensorLoader | ImageFolderLoader
+    num_classes: int
+
+
+def load_split(cfg, split: str) -> ArrayDataset:
+    """The whole `train` or `test` file of an in-memory dataset (`cfg`: a `config.DataConfig`)."""
     if cfg.dataset == "fashion_mnist":
-        load = lambda split: load_fashion_mnist(split, cfg.root, cfg.download)  # noqa: E731
-    else:
-        load = lambda split: load_cifar10(split, cfg.root, cfg.download, cfg.checksum)  # noqa: E731
-    train_set = load("train").subset(cfg.train_subset, seed)
-    test_set = load("test").subset(cfg.test_subset, seed)
+        return load_fashion_mnist(split, cfg.root, cfg.download)
+    return load_cifar10(split, cfg.root, cfg.download, cfg.checksum)
+
+
+def build_loaders(
+    cfg, img_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, pin_memory: bool = False, keys: bool = False
+) -> Loaders:
+    """The loaders of `cfg` (a `config.DataConfig`): `data.val_size` training images held out for validation
+    (`validation_split`), `data.train_subset` of the rest drawn per `seed`; `pin_memory` for a CUDA
+    device; `keys`: training batches carry view keys (in-memory datasets)."""
+    if cfg.dataset == "imagenet":
+        train_folder = _imagenet_folder(cfg.root, "train")
+        train_idx, val_idx = validation_split(torch.tensor(train_folder.targets), cfg.val_size)
+
+        def make(dataset, train, indices):
+            return ImageFolderLoader(dataset, img_size, batch_size, train, seed, cfg.workers, rank, world, indices, pin_memory)
+
+        test_folder = _imagenet_folder(cfg.root, "val")
+        test_idx = _random_subset(torch.arange(len(test_folder)), cfg.test_subset, seed)
+        val = make(_imagenet_folder(cfg.root, "train"), False, val_idx) if cfg.val_size else None
+        train = make(train_folder, True, _random_subset(train_idx, cfg.train_subset, seed))
+        return Loaders(train, val, make(test_folder, False, test_idx), train.num_classes)
+    pool = load_split(cfg, "train")
+    train_idx, val_idx = validation_split(pool.labels, cfg.val_size)
+    train_set = pool.take(train_idx).subset(cfg.train_subset, seed)
+    test_set = load_split(cfg, "test").subset(cfg.test_subset, seed)
     mean, std = NORMALIZATION[cfg.dataset]
     padding = CROP_PADDING[cfg.dataset] if cfg.augment == "crop_flip" else 0
-    train = TensorLoader(train_set, batch_size, mean, std, True, seed, cfg.augment, padding, rank, world, pin_memory)
-    test = TensorLoader(test_set, batch_size, mean, std, False, seed, rank=rank, world=world, pin_memory=pin_memory)
-    return train, test, train_set.num_classes
+    train = TensorLoader(train_set, batch_size, mean, std, True, seed, cfg.augment, padding, rank, world, pin_memory, keys)
+
+    def evaluation(data: ArrayDataset) -> TensorLoader:
+        return TensorLoader(data, batch_size, mean, std, False, seed, rank=rank, world=world, pin_memory=pin_memory)
+
+    val = evaluation(pool.take(val_idx)) if cfg.val_size else None
+    return Loaders(train, val, evaluation(test_set), pool.num_classes)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from ..core.extract import extract, structure_summary
 from ..core.files import atomic_write
 from ..core.gated_vit import gate_vit
 from ..core.losses import kd_loss
-from ..core.pruned import load_pruned, save_pruned
+from ..core.pruned import WEIGHTS_FILE, load_pruned, save_pruned
 from ..core.pruner import Pruner, param_groups
 from .config import ConfigError, RunConfig, read_by
 from .data import build_loaders
@@ -168,6 +169,22 @@ def load_teacher(cfg: RunConfig) -> nn.Module:
         return load_pruned(folder)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"teacher = {cfg.teacher!r}: {err}; rerun the dense stage (method dense)") from err
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_fingerprint(cfg: RunConfig) -> str:
+    """sha256 of the teacher's weights file (the dense run's, or `model.pretrained`): a retrained teacher in
+    the same folder makes every run distilled from it another run."""
+    if cfg.teacher is not None:
+        return file_sha256(Path(cfg.teacher) / "model" / WEIGHTS_FILE)
+    return file_sha256(Path(cfg.model.pretrained)) if cfg.model.pretrained not in (None, "hub") else str(cfg.model.pretrained)
 
 
 def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
@@ -382,12 +399,14 @@ class Trainer:
         """Data, teacher, model (gated by the pruner for HiAP), optimizer and schedule lengths."""
         cfg, dist = self.cfg, self.dist
         torch.manual_seed(cfg.seed)
-        self.train_loader, self.test_loader, num_classes = build_loaders(
+        self.loaders = build_loaders(
             cfg.data, cfg.model.img_size, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world, dist.device.type == "cuda"
         )
-        if num_classes != cfg.model.num_classes:
+        self.train_loader = self.loaders.train
+        if self.loaders.num_classes != cfg.model.num_classes:
             raise ConfigError(
-                f"invalid config: model.num_classes = {cfg.model.num_classes}, but {cfg.data.dataset} has {num_classes} classes"
+                f"invalid config: model.num_classes = {cfg.model.num_classes}, but {cfg.data.dataset} has "
+                f"{self.loaders.num_classes} classes"
             )
         self.teacher = None if cfg.method == "dense" else load_teacher(cfg).to(dist.device).eval()
         self.steps_per_epoch = len(self.train_loader)
@@ -410,8 +429,8 @@ class Trainer:
         state = self._load_checkpoint()
         if state is not None:
             changed = changed_fields(state["config"], self.cfg.to_dict())
-            if self.cfg.method == "hiap" and self.cfg.hiap.cost == "latency" and state.get("unit_costs") != self._unit_costs():
-                changed.append("hiap.cost_table's coefficients")  # the same path, re-measured: another run
+            saved = state.get("inputs", {})
+            changed += [what for what, value in self._inputs().items() if saved.get(what) != value]
             if changed and not self.restart_on_config_change:
                 raise ConfigError(
                     f"{self.checkpoint} was written with a different config ({', '.join(changed)}): "
@@ -434,9 +453,19 @@ class Trainer:
         self._log(f"[{self.out.name}] resuming {self.out} after epoch {state['epoch']}/{self.cfg.optim.epochs}")
         return state["epoch"]
 
-    def _unit_costs(self) -> dict:
-        """The unit costs the penalties used: MACs follow from the config, a latency table's from its file."""
-        return dataclasses.asdict(self.pruner.costs)
+    def _inputs(self) -> dict[str, str]:
+        """Fingerprints of what the run reads by path or derives from files, beside its config: the same
+        config over another teacher, data split or re-measured cost table is another run."""
+        split = hashlib.sha256()
+        for loader in (self.loaders.train, self.loaders.val):
+            ids = getattr(getattr(loader, "data", None), "ids", None)  # in-memory datasets
+            split.update(b"none" if ids is None else ids.numpy().tobytes())
+        inputs = {"data split": split.hexdigest()}
+        if self.cfg.method != "dense":
+            inputs["teacher's weights"] = teacher_fingerprint(self.cfg)
+        if self.pruner is not None and self.cfg.hiap.cost == "latency":
+            inputs["hiap.cost_table's coefficients"] = json.dumps(dataclasses.asdict(self.pruner.costs), sort_keys=True)
+        return inputs
 
     def _load_checkpoint(self) -> dict | None:
         """The checkpoint's state; None without one. An unreadable one (written by something other than this
@@ -502,12 +531,12 @@ class Trainer:
         values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         self._diverged(f"non-finite loss at epoch {epoch + 1}, step {batch} ({values})")
 
-    def _check_epoch_finite(self, epoch: int, test_loss: float) -> None:
-        """Weights blown up by an epoch's last steps show in its test loss or parameters, not in its losses:
-        such an epoch is never checkpointed, so every checkpoint kept is a good one."""
+    def _check_epoch_finite(self, epoch: int, val_loss: float) -> None:
+        """Weights blown up by an epoch's last steps show in its validation loss or parameters, not in its
+        losses: such an epoch is never checkpointed, so every checkpoint kept is a good one."""
         weights = all(bool(torch.isfinite(p.detach()).all()) for p in self.model.parameters())
-        if not (weights and math.isfinite(test_loss)):
-            self._diverged(f"non-finite weights or test loss after epoch {epoch + 1} (test_loss={test_loss:.4g})")
+        if not (weights and math.isfinite(val_loss)):
+            self._diverged(f"non-finite weights or validation loss after epoch {epoch + 1} (val_loss={val_loss:.4g})")
 
     def _diverged(self, what: str) -> None:
         kept = (
@@ -518,15 +547,18 @@ class Trainer:
         raise TrainingDiverged(f"{what}; {kept}, no model saved. Lower optim.lr or the lambdas.")
 
     def _end_epoch(self, epoch: int, sums: dict[str, float], train_time: float) -> None:
-        """Evaluate, append the history row (and the gate state), log one line."""
+        """Evaluate on the validation split (the test set only at the end: no choice may look at it), append
+        the history row (and the gate state), log one line."""
         cfg, pruner = self.cfg, self.pruner
-        acc, test_loss = evaluate(self.model, self.test_loader, self.dist, self.show, self.amp_dtype)
-        self._check_epoch_finite(epoch, test_loss)
+        acc, val_loss = math.nan, sums["loss"] / self.steps_per_epoch
+        if self.loaders.val is not None:
+            acc, val_loss = evaluate(self.model, self.loaders.val, self.dist, self.show, self.amp_dtype)
+        self._check_epoch_finite(epoch, val_loss)
         row = {
             "epoch": epoch + 1,
             **{f"train_{k}": v / self.steps_per_epoch for k, v in sums.items()},
-            "test_acc": acc,
-            "test_loss": test_loss,
+            "val_acc": acc,
+            "val_loss": val_loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "steps_per_epoch": self.steps_per_epoch,
             "epoch_time_s": train_time,
@@ -549,7 +581,7 @@ class Trainer:
         left = elapsed / self.epochs_run * (cfg.optim.epochs - epoch - 1)
         progress = f"[{self.out.name}] {cfg.method} epoch {epoch + 1}/{cfg.optim.epochs}"
         self._log(
-            f"{progress} loss {row['train_loss']:.4f} acc {acc:.4f} MACs {macs / 1e6:.1f}M{gated} "
+            f"{progress} loss {row['train_loss']:.4f} val acc {acc:.4f} MACs {macs / 1e6:.1f}M{gated} "
             f"({train_time:.0f}s; {_clock(elapsed)} elapsed, ~{_clock(left)} left)"
         )
 
@@ -566,8 +598,9 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "scaler": self.scaler.state_dict(),  # empty unless fp16
         }
+        state["inputs"] = self._inputs()
         if self.pruner is not None:
-            state.update(self.pruner.state_dict(), unit_costs=self._unit_costs())
+            state.update(self.pruner.state_dict())
         atomic_write(self.checkpoint, lambda p: torch.save(state, p))
         budget_rows = self.pruner.budget_rows if self.pruner is not None else []
         _write_reports(self.out, self.history, self.gate_rows, budget_rows)
@@ -582,10 +615,12 @@ class Trainer:
             final = extract(gate_vit(copy.deepcopy(self.model)))  # the same weights as a plain PrunedViT
         else:
             final = self.model
-        acc, test_loss = evaluate(final, self.test_loader, self.dist, self.show, self.amp_dtype)
+        acc, test_loss = evaluate(final, self.loaders.test, self.dist, self.show, self.amp_dtype)
         if not math.isfinite(test_loss):
             self._diverged(f"non-finite test loss of the final model ({test_loss})")
         metrics = final_metrics(cfg, final, acc, test_loss, self.history)
+        if self.loaders.val is not None:
+            metrics["val_acc"], metrics["val_loss"] = evaluate(final, self.loaders.val, self.dist, self.show, self.amp_dtype)
         if self.pruner is not None:
             metrics["structure"] = self.pruner.summary()
             if self.pruner.rounding:
@@ -594,8 +629,9 @@ class Trainer:
             save_pruned(final, self.out / "model")
             atomic_write(self.out / "summary.csv", lambda p: structure_summary(final).to_csv(p, index=False))
             atomic_write(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2, allow_nan=False)))
+            val = metrics.get("val_acc", math.nan)
             self._log(
-                f"[{self.out.name}] {cfg.method} final: acc {acc:.4f}, {metrics['macs'] / 1e6:.2f}M MACs "
+                f"[{self.out.name}] {cfg.method} final: test acc {acc:.4f}, val acc {val:.4f}, {metrics['macs'] / 1e6:.2f}M MACs "
                 f"({metrics['reduction_pct']:.1f}% cut), {metrics['params'] / 1e6:.3f}M params -> {self.out}"
             )
         return metrics

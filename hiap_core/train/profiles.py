@@ -34,7 +34,7 @@ PROFILES = {
         "sweep": {"epochs": 50, "train_subset": None},
     },
     "smoke": {
-        "data": {"train_subset": 256, "test_subset": 128},
+        "data": {"val_size": 256, "train_subset": 256, "test_subset": 128},
         "model": {"embed_dim": 48, "num_heads": 3, "depth": 2, "mlp_ratio": 4.0},
         "dense": {"epochs": 1, "warmup_epochs": 0.5, "batch_size": 64},
         "hiap": {"epochs": 2, "batch_size": 64, "gate_lr": 0.5, "init_logit": 1.0, "train_subset": 256},
