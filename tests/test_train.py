@@ -323,9 +323,11 @@ def test_cli_exits_non_zero_when_training_diverges_and_saves_no_model(tmp_path):
 
 
 @needs_fashion
-def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):
+@pytest.mark.parametrize("sets", [["--set", "hiap.tau_min=5", "teacher=t"], ["--set", "hiap.tau_min=5", "--set", "teacher=t"]])
+def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path, sets):
+    """Every override counts, however many `--set` flags carry them (a later flag used to drop the earlier)."""
     params = write_params(tmp_path / "params.yaml")
-    run = cli(["--params", str(params), "--method", "hiap", "--out", str(tmp_path / "x"), "--set", "hiap.tau_min=5", "teacher=t"])
+    run = cli(["--params", str(params), "--method", "hiap", "--out", str(tmp_path / "x"), *sets])
     output = run.communicate(timeout=120)[0]
     assert run.returncode == 2 and output.strip().count("\n") == 0 and "hiap.tau_min" in output
 

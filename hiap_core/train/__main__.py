@@ -19,7 +19,9 @@ def main(argv=None) -> int:
     parser.add_argument("--params", default=str(PARAMS), help="params file (default: the project's params.yaml)")
     parser.add_argument("--method", required=True, help="dense | hiap | uniform | l1_ffn | torch_pruning | finetune")
     parser.add_argument("--out", required=True, help="run folder (checkpoint, reports, model/)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="overrides, e.g. hiap.lambda_macro=4")
+    parser.add_argument(  # `--set a=1 b=2` and `--set a=1 --set b=2` alike: every one counts
+        "--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE", help="overrides, e.g. hiap.lambda_macro=4"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = config_from_params(args.params, args.method, [f"out={args.out}", *args.set])
