@@ -145,7 +145,7 @@ def test_imagenet_folder_loader_uses_deit_preprocessing(tmp_path):
 def test_augmentation_is_a_padded_crop_with_optional_flip():
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
-    out, _ = data.augment_batch(images, 2, gen)
+    out = data.augment_batch(images, 2, gen)
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for b in range(32):
         crops = [padded[b, :, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
@@ -220,14 +220,3 @@ def test_validation_split_of_fashion_mnist_is_pinned_and_never_meets_training_or
     assert val_ids[:5].tolist() == PINNED_FIRST_VALIDATION_IDS  # a change would re-split every machine's data
     with pytest.raises(ConfigError, match="data.val_size"):
         data.build_loaders(DataConfig(val_size=60000), img_size=28, batch_size=64, seed=0)
-
-
-def test_view_keys_name_each_sample_and_its_flip():
-    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
-    ds = data.ArrayDataset(images, torch.arange(40), 40, ids=torch.arange(100, 140))
-    loader = data.TensorLoader(ds, 8, (0.0,), (1.0,), True, seed=1, augment="flip", keys=True)
-    for x, y, key in loader:
-        ids, flipped = key // 2, key % 2 == 1
-        assert torch.equal(ids - 100, y)
-        original = images[y].float() / 255
-        assert torch.equal(torch.where(flipped[:, None, None, None], original.flip(-1), original), x)

@@ -9,6 +9,7 @@ process (each rank takes its slice).
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import io
@@ -62,6 +63,13 @@ CROP_PADDING = {"fashion_mnist": 2, "cifar10": 4}
 SPLIT_SEED = 0  # the validation split is one fixed set, whatever the run's seed
 
 
+def _random_subset(indices: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    """A deterministic random `size` of `indices` (all when None or larger), in their order."""
+    if size is None or size >= len(indices):
+        return indices
+    return indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:size].sort().values]
+
+
 @dataclass
 class ArrayDataset:
     images: torch.Tensor  # uint8 (N, C, H, W)
@@ -80,7 +88,7 @@ class ArrayDataset:
         """A deterministic random subset of `size` samples (all when None or larger)."""
         if size is None or size >= len(self.labels):
             return self
-        return self.take(torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))[:size].sort().values)
+        return self.take(_random_subset(torch.arange(len(self.labels)), size, seed))
 
 
 def validation_split(labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,9 +232,9 @@ def load_cifar10(split: str, root: str | None = None, download: bool = True, md5
     return ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64), 10)
 
 
-def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding (none at `padding` 0) and horizontal flip, per sample, on a uint8
-    batch (B, C, H, W); returns the batch and which samples were flipped."""
+    batch (B, C, H, W)."""
     B, C, H, W = images.shape
     padded = F.pad(images, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator)
@@ -236,7 +244,7 @@ def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator
     flip = torch.rand(B, generator=generator) < 0.5
     cols = torch.where(flip[:, None, None], 2 * dx[:, :, None] + W - 1 - cols, cols)
     batch_index = torch.arange(B)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2), flip
+    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2)
 
 
 class TensorLoader:
@@ -245,8 +253,7 @@ class TensorLoader:
     Training: reshuffled each epoch, last incomplete batch dropped, each of `world` ranks gets its
     contiguous slice of every global batch. Evaluation: in order, ranks take interleaved samples.
     `pin_memory` (for a CUDA device): batches in page-locked memory, so `.to(device, non_blocking=True)`
-    copies while the host goes on. `keys` (training): each batch also carries every sample's view key,
-    `2 * id + flipped`, which indexes cached teacher logits (`teacher_cache`).
+    copies while the host goes on.
     """
 
     def __init__(
@@ -262,7 +269,6 @@ class TensorLoader:
         rank: int = 0,
         world: int = 1,
         pin_memory: bool = False,
-        keys: bool = False,
     ):
         if batch_size % world:
             raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
@@ -273,7 +279,7 @@ class TensorLoader:
             )
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
         self.augment, self.padding, self.rank, self.world = augment != "none", padding, rank, world
-        self.pin_memory, self.keys = pin_memory, keys
+        self.pin_memory = pin_memory
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.epoch = 0
@@ -302,13 +308,12 @@ class TensorLoader:
         local = self.batch_size // self.world
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            images, flipped = self.data.images[idx], torch.zeros(len(idx), dtype=torch.bool)
+            images = self.data.images[idx]
             if self.augment:
                 gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + b)
-                images, flipped = augment_batch(images, self.padding, gen)
+                images = augment_batch(images, self.padding, gen)
             mine = slice(self.rank * local, (self.rank + 1) * local)
-            batch = self._batch(images[mine], self.data.labels[idx][mine])
-            yield (*batch, (2 * self.data.ids[idx] + flipped)[mine]) if self.keys else batch
+            yield self._batch(images[mine], self.data.labels[idx][mine])
 
 
 class ImageFolderLoader:
@@ -375,12 +380,6 @@ def _imagenet_folder(root: str | None, split: str):
     return ImageFolder(str(folder))
 
 
-def _random_subset(indices: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
-    if size is None or size >= len(indices):
-        return indices
-    return indices[torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:size].sort().values]
-
-
 @dataclass
 class Loaders:
     """A run's data: training (the training images less the validation split, or a subset of them),
@@ -400,11 +399,10 @@ def load_split(cfg, split: str) -> ArrayDataset:
 
 
 def build_loaders(
-    cfg, img_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, pin_memory: bool = False, keys: bool = False
+    cfg, img_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, pin_memory: bool = False
 ) -> Loaders:
     """The loaders of `cfg` (a `config.DataConfig`): `data.val_size` training images held out for validation
-    (`validation_split`), `data.train_subset` of the rest drawn per `seed`; `pin_memory` for a CUDA
-    device; `keys`: training batches carry view keys (in-memory datasets)."""
+    (`validation_split`), `data.train_subset` of the rest drawn per `seed`; `pin_memory` for a CUDA device."""
     if cfg.dataset == "imagenet":
         train_folder = _imagenet_folder(cfg.root, "train")
         train_idx, val_idx = validation_split(torch.tensor(train_folder.targets), cfg.val_size)
@@ -414,7 +412,7 @@ def build_loaders(
 
         test_folder = _imagenet_folder(cfg.root, "val")
         test_idx = _random_subset(torch.arange(len(test_folder)), cfg.test_subset, seed)
-        val = make(_imagenet_folder(cfg.root, "train"), False, val_idx) if cfg.val_size else None
+        val = make(copy.copy(train_folder), False, val_idx) if cfg.val_size else None  # same scan, own transform
         train = make(train_folder, True, _random_subset(train_idx, cfg.train_subset, seed))
         return Loaders(train, val, make(test_folder, False, test_idx), train.num_classes)
     pool = load_split(cfg, "train")
@@ -423,7 +421,7 @@ def build_loaders(
     test_set = load_split(cfg, "test").subset(cfg.test_subset, seed)
     mean, std = NORMALIZATION[cfg.dataset]
     padding = CROP_PADDING[cfg.dataset] if cfg.augment == "crop_flip" else 0
-    train = TensorLoader(train_set, batch_size, mean, std, True, seed, cfg.augment, padding, rank, world, pin_memory, keys)
+    train = TensorLoader(train_set, batch_size, mean, std, True, seed, cfg.augment, padding, rank, world, pin_memory)
 
     def evaluation(data: ArrayDataset) -> TensorLoader:
         return TensorLoader(data, batch_size, mean, std, False, seed, rank=rank, world=world, pin_memory=pin_memory)

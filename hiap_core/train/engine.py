@@ -172,7 +172,7 @@ def load_teacher(cfg: RunConfig) -> nn.Module:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # hashlib.file_digest needs Python 3.11; the project supports 3.10
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
@@ -402,20 +402,20 @@ class Trainer:
         self.loaders = build_loaders(
             cfg.data, cfg.model.img_size, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world, dist.device.type == "cuda"
         )
-        self.train_loader = self.loaders.train
         if self.loaders.num_classes != cfg.model.num_classes:
             raise ConfigError(
                 f"invalid config: model.num_classes = {cfg.model.num_classes}, but {cfg.data.dataset} has "
                 f"{self.loaders.num_classes} classes"
             )
         self.teacher = None if cfg.method == "dense" else load_teacher(cfg).to(dist.device).eval()
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.loaders.train)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, self.teacher)
         if cfg.method == "hiap":
             self.pruner = make_pruner(cfg, model, self.total_steps)
+        self.inputs = self._inputs()  # fixed for the run: fingerprinted once
         self.model = model.to(dist.device)
         groups = param_groups(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.gate_lr)
         for group in groups:
@@ -430,7 +430,7 @@ class Trainer:
         if state is not None:
             changed = changed_fields(state["config"], self.cfg.to_dict())
             saved = state.get("inputs", {})
-            changed += [what for what, value in self._inputs().items() if saved.get(what) != value]
+            changed += [what for what, value in self.inputs.items() if saved.get(what) != value]
             if changed and not self.restart_on_config_change:
                 raise ConfigError(
                     f"{self.checkpoint} was written with a different config ({', '.join(changed)}): "
@@ -487,11 +487,11 @@ class Trainer:
         """One pass over the training data; returns the summed loss terms and the wall time."""
         cfg = self.cfg
         start = time.perf_counter()
-        self.train_loader.set_epoch(epoch)
+        self.loaders.train.set_epoch(epoch)
         self.net.train()
         sums: dict[str, float] = {}
         desc = f"{cfg.method} epoch {epoch + 1}/{cfg.optim.epochs}"
-        with tqdm(self.train_loader, desc=desc, disable=not self.show, leave=False) as batches:  # closed on errors too
+        with tqdm(self.loaders.train, desc=desc, disable=not self.show, leave=False) as batches:  # closed on errors too
             for i, (x, y) in enumerate(batches):
                 loss = self._train_step(epoch, i, x, y, sums)
                 if self.show:
@@ -598,7 +598,7 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "scaler": self.scaler.state_dict(),  # empty unless fp16
         }
-        state["inputs"] = self._inputs()
+        state["inputs"] = self.inputs
         if self.pruner is not None:
             state.update(self.pruner.state_dict())
         atomic_write(self.checkpoint, lambda p: torch.save(state, p))
