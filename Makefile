@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # The machine's pip config lists index folders that do not exist for every package: hide that noise.
 PIP_QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
 
-.PHONY: venv data test lint repro bench bench-gpu clean-venv
+.PHONY: venv data test lint repro grid bench bench-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -38,6 +38,12 @@ lint: venv
 # DVC stages call papermill and python: the venv's bin comes first on PATH.
 repro: venv data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# The fine-tune recipe grid (a frozen stage, about 40 fine-tunes): then copy its picks into params.yaml `recipes`.
+grid: venv data
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc unfreeze recipe_grid
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro recipe_grid; status=$$?; \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc freeze recipe_grid; exit $$status
 
 bench: venv data
 	$(PY) -m hiap_core.measure.bench

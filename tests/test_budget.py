@@ -10,7 +10,8 @@ from hypothesis import given, strategies as st
 
 import hiap_core
 from hiap_core.train import engine
-from hiap_core.core.budget import BudgetController, minimum_cost, round_to_budget
+from hiap_core.core.budget import BudgetController, minimum_cost, projected_fraction, round_to_budget
+from hiap_core.core.gated_vit import gates
 from hiap_core.train.config import ConfigError, config_from_params
 
 TINY = {
@@ -30,41 +31,70 @@ TINY = {
 }
 
 
-def test_target_ramps_cubically_from_the_first_cost_to_the_target():
-    controller = BudgetController(target=0.5, ramp=0.5)
-    assert controller.target_at(0.0) == 1.0  # before any cost is seen: from dense
-    controller.update(0.9, 0.0)
-    assert controller.start == 0.9 and controller.target_at(0.0) == 0.9
-    assert controller.target_at(0.25) == pytest.approx(0.5 + 0.4 * 0.5**3)
-    assert controller.target_at(0.5) == controller.target_at(1.0) == 0.5
-    assert BudgetController(target=0.7, ramp=0.0).target_at(0.0) == 0.7
+def test_projection_looks_ahead_to_the_deadline_then_not():
+    controller = BudgetController(target=0.5, deadline=0.7)
+    assert controller.steps_to_deadline(0, 100) == 70
+    assert controller.steps_to_deadline(69, 100) == 1
+    assert controller.steps_to_deadline(70, 100) == controller.steps_to_deadline(100, 100) == 0  # the hardened cost
+
+
+def test_projected_cost_is_the_hardened_cost_of_the_logits_carried_on():
+    gated = gated_copy(make_vit(depth=2, num_heads=3, embed_dim=24))
+    costs = hiap_core.unit_costs(hiap_core.describe(gated))
+    dense = hiap_core.count_macs(hiap_core.describe(gated).dense())
+    before = [g.logits.detach().clone() for g in gates(gated)]
+    with torch.no_grad():
+        for gate in gates(gated):
+            gate.logits.sub_(torch.rand_like(gate.logits))  # each unit falling at its own speed
+    now = [g.logits.detach().clone() for g in gates(gated)]
+    projected = projected_fraction(gated, costs, dense, before, 4)
+    assert all(torch.equal(g.logits, n) for g, n in zip(gates(gated), now))  # the model is left as it was
+    with torch.no_grad():
+        for gate, b, n in zip(gates(gated), before, now):
+            gate.logits.copy_(n + 4 * (n - b))
+    assert projected == hiap_core.count_macs(gated) / dense
+
+
+def test_integral_does_not_wind_up_while_the_cost_keeps_pace():
+    """Over budget but falling by more than PACE of its gap per step: no more push; stuck: push."""
+    falling = BudgetController(target=0.5, lr=0.1, gain=0.0)
+    falling.update(0.9)
+    grown = falling.log_scale
+    for cost in (0.85, 0.8, 0.75):  # 0.05 a step, more than PACE * gap
+        falling.update(cost)
+    assert falling.log_scale == grown
+    stuck = BudgetController(target=0.5, lr=0.1, gain=0.0)
+    for _ in range(4):
+        stuck.update(0.9)
+    assert stuck.log_scale == pytest.approx(4 * 0.1 * 0.8)
+    assert stuck.max_scale == pytest.approx(math.exp(stuck.log_scale))
 
 
 def test_integral_raises_the_scale_over_budget_and_lowers_it_under():
-    controller = BudgetController(target=0.5, lr=0.1, ramp=0.0, gain=0.0)
-    up = controller.update(0.75, 1.0)  # 50% over: log scale += 0.05
+    controller = BudgetController(target=0.5, lr=0.1, gain=0.0)
+    up = controller.update(0.75)  # 50% over: log scale += 0.05
     assert up == pytest.approx(math.exp(0.05))
-    controller.update(0.25, 1.0)  # 50% under: back to 1
+    controller.update(0.25)  # 50% under: back to 1
     assert controller.scale == pytest.approx(1.0)
     for _ in range(10_000):
-        controller.update(1.0, 1.0)
+        controller.update(1.0)
     assert controller.log_scale == BudgetController.MAX_LOG_SCALE  # bounded, stays finite
 
 
 def test_proportional_term_follows_the_current_overshoot_at_once():
-    controller = BudgetController(target=0.5, lr=0.1, ramp=0.0, gain=20.0)
-    assert controller.update(0.55, 1.0) == pytest.approx(math.exp(0.1 * 0.1 + 20 * 0.1))  # 10% over
-    assert controller.update(0.45, 1.0) == pytest.approx(math.exp(0.0 + 20 * -0.1))  # 10% under: scale falls at once
-    restored = BudgetController(target=0.5)
+    controller = BudgetController(target=0.5, lr=0.1, gain=20.0)
+    assert controller.update(0.55) == pytest.approx(math.exp(0.1 * 0.1 + 20 * 0.1))  # 10% over
+    assert controller.update(0.45) == pytest.approx(math.exp(0.0 + 20 * -0.1))  # 10% under: scale falls at once
+    restored = BudgetController(target=0.5, lr=0.1, gain=20.0)
     restored.load_state_dict(controller.state_dict())
-    assert restored.scale == controller.scale and restored.start == 0.55
+    assert restored.scale == controller.scale and restored.max_scale == controller.max_scale
 
 
 def test_controller_lands_on_the_target_of_a_simple_plant():
     """A cost that follows the penalty scale with a lag (cost relaxes toward 1 / (1 + s)) settles on target."""
-    controller, cost = BudgetController(target=0.6, lr=0.2, ramp=0.3), 1.0
-    for step in range(2000):
-        controller.update(cost, (step + 1) / 2000)
+    controller, cost = BudgetController(target=0.6, lr=0.2), 1.0
+    for _ in range(2000):
+        controller.update(cost)
         cost += 0.05 * (1.0 / (1.0 + controller.scale) * 1.2 - cost)
     assert cost == pytest.approx(0.6, rel=0.01)
 
@@ -72,14 +102,16 @@ def test_controller_lands_on_the_target_of_a_simple_plant():
 def test_controller_lands_on_the_target_of_a_sign_driven_plant():
     """Adam-like gates: the cost moves at a fixed speed (with momentum) in the direction the scale decides,
     down while the scale exceeds what the remaining units' task gradient outweighs (which grows as they
-    get fewer)."""
-    controller, cost, velocity = BudgetController(target=0.6, lr=0.1, ramp=0.5, gain=20.0), 0.95, 0.0
-    for step in range(400):
-        controller.update(cost, (step + 1) / 400)
-        balance = math.exp(8 * (0.75 - cost))  # the scale the task gradient of the remaining units outweighs
+    get fewer); the controller sees the cost its velocity projects to the deadline, as `budget_step` does."""
+    controller, cost, velocity, above, steps = BudgetController(target=0.6), 0.95, 0.0, 0.0, 400
+    for step in range(steps):
+        controller.update(cost - 0.004 * velocity * controller.steps_to_deadline(step, steps))
+        balance = math.exp(4 * (0.75 - cost))  # the scale the task gradient of the remaining units outweighs
         velocity = 0.9 * velocity + 0.1 * math.copysign(1.0, math.log(controller.scale / balance))
         cost = min(max(cost - 0.004 * velocity, 0.1), 1.0)
+        above = max(above, controller.scale / balance)
     assert cost == pytest.approx(0.6, rel=0.02)
+    assert above < 10  # never far past the balance: no windup (the previous controller's gain 20 reached 500x)
 
 
 def test_minimum_cost_is_the_cheapest_feasible_architecture():
@@ -205,7 +237,7 @@ def test_impossible_targets_are_refused_before_training(overrides, match, tmp_pa
         ({"hiap.cost": "latency", "hiap.cost_table": None}, "hiap.cost_table"),
         ({"hiap.target_latency": 0.5}, "hiap.target_latency"),
         ({"hiap.cost": "latency", "hiap.cost_table": "t.json", "target_macs": 0.5}, "target_macs"),
-        ({"hiap.budget_ramp": 1.0}, "hiap.budget_ramp"),
+        ({"hiap.budget_deadline": 0.0}, "hiap.budget_deadline"),
         ({"hiap.budget_gain": -1.0}, "hiap.budget_gain"),
         ({"hiap.budget_tolerance": 0.2}, "hiap.budget_tolerance"),
     ],

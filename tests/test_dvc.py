@@ -49,10 +49,18 @@ def code_modules(cmd: str) -> set[str]:
     return {words[words.index("-m") + 1]}
 
 
+# Stages whose output is committed and costly to remake: a library edit must not rerun them (dvc.yaml says how
+# to); they track their notebook and params only.
+COMMITTED_OUTPUT_STAGES = {"dense"}
+
+
 def test_every_module_a_stage_imports_is_covered_by_its_deps():
     graph = import_graph()
     files = modules()
     for name, stage in stage_definitions().items():
+        if name in COMMITTED_OUTPUT_STAGES:
+            assert not any(d.startswith("hiap_core") for d in stage["deps"]), f"stage {name} is meant not to track the code"
+            continue
         deps = [d.rstrip("/") for d in stage["deps"]]
         for module in closure(graph, code_modules(stage["cmd"])):
             path = str(files[module].relative_to(ROOT))

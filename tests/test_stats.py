@@ -32,7 +32,9 @@ def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     half = scipy_stats.t.ppf(0.975, 3) * diffs.std() / 2
     assert row["versus"] == "L1" and row["seeds"] == 4
     assert (row["ci_low"], row["ci_high"]) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
-    assert row["significant"] == (diffs.mean() - half > 0)
+    p = 2 * scipy_stats.t.sf(abs(diffs.mean()) / (diffs.std() / 2), 3)
+    assert row["p"] == pytest.approx(p) and row["p_holm"] == pytest.approx(p)  # one comparison: nothing to adjust
+    assert row["significant"] == (p < 0.05)
     assert "HiAP" in stats.describe_differences(stats.paired_differences(runs, "HiAP"), "HiAP")
 
 
@@ -44,3 +46,23 @@ def test_a_difference_inside_the_noise_is_not_called_significant():
     paired = stats.paired_differences(runs, "HiAP")
     assert not paired["significant"].iloc[0] and paired["ci_low"].iloc[0] < 0 < paired["ci_high"].iloc[0]
     assert "cannot be told apart" in stats.describe_differences(paired, "HiAP")
+
+
+def test_holm_adjusts_the_family_step_down():
+    assert stats.holm([0.01, 0.04, 0.03, float("nan")])[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, 0.001])[::-1] == pytest.approx([0.002, 0.5])
+
+
+def test_frontier_points_carry_the_t_interval_over_seeds():
+    runs = pd.DataFrame(
+        {
+            "method": ["HiAP"] * 3,
+            "budget": ["b"] * 3,
+            "seed": [0, 1, 2],
+            "acc": [80.0, 82.0, 84.0],
+            "macs_fraction": [0.2, 0.2, 0.2],
+        }
+    )
+    point = stats.frontier(runs).iloc[0]
+    assert point["acc_mean"] == pytest.approx(82.0) and point["seeds"] == 3
+    assert point["ci_half"] == pytest.approx(scipy_stats.t.ppf(0.975, 2) * 2.0 / 3**0.5)

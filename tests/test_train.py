@@ -132,7 +132,14 @@ def test_dense_hiap_and_baselines_end_to_end(dense_run, tmp_path):
     )
     assert history["tau"].is_monotonic_decreasing and history["tau"].iloc[-1] == pytest.approx(0.5, rel=0.1)
     gates = pd.read_csv(tmp_path / "hiap" / "gates.csv")
-    assert sorted(gates["epoch"].unique()) == [0, 1, 2, 3] and len(gates) == 4 * 2
+    # 6 steps an epoch, 9 of search: the start, every 5 steps, the search's end, its first frozen step
+    assert sorted(gates["step"].unique()) == [0, 5, 9, 10] and len(gates) == 4 * 2
+    assert gates["epoch"].max() == pytest.approx(10 / 6)
+    closing = pd.read_csv(tmp_path / "hiap" / "closing.csv")
+    assert set(closing["kind"]) == {"head", "value_dim", "ffn", "neuron"}
+    final = hiap_core.describe(hiap_core.load_pruned(tmp_path / "hiap" / "model"))
+    open_neurons = closing[(closing["kind"] == "neuron") & (closing["closed_step"] < 0)].groupby("layer").size()
+    assert [layer.mlp_hidden or 0 for layer in final.layers] == [int(open_neurons.get(i, 0)) for i in range(2)]
     assert {"layer", "heads", "value_dims", "ffn_on", "neurons"} <= set(gates)
     pruned = hiap_core.load_pruned(tmp_path / "hiap" / "model")
     assert hiap_core.count_macs(pruned) == hiap["macs"] == history["hard_macs"].iloc[-1]

@@ -1,7 +1,9 @@
 """Table 3 baselines, cut from the trained dense model to a target MACs fraction (then KD fine-tuned by
 the training engine): `uniform` (one common keep ratio for every head's value dims and every FFN,
 chosen by L1 magnitude inside each structure), `l1_ffn` (FFN neurons ranked globally by L1 norm) and
-`torch_pruning` (the Torch-Pruning library: head dims and FFN neurons ranked globally, below)."""
+`torch_pruning` (the Torch-Pruning library: head dims and FFN neurons ranked globally, below); and
+`transplant` (exactly the units a HiAP run kept, on the teacher's weights: HiAP's structure under the
+baselines' fine-tune, which separates the quality of the structure from the cost of its search)."""
 
 from __future__ import annotations
 
@@ -178,3 +180,29 @@ def from_narrowed_timm(model: nn.Module, dense: ViTSpec) -> PrunedViT:
             if getattr(dst, name) is not None:
                 getattr(dst, name).gamma.copy_(getattr(src, name).gamma)
     return pruned.eval()
+
+
+def closing_gate_state(closing: list[dict], depth: int) -> list[dict]:
+    """The gate state (`set_gate_state`) a HiAP run ended with, from its `closing.csv` rows
+    (`Pruner.closing_steps`: a unit with `closed_step` -1 was open at the end)."""
+    state = [{} for _ in range(depth)]
+    keys = {"head": "heads", "value_dim": "values", "ffn": "ffn", "neuron": "neurons"}
+    for row in closing:
+        state[int(row["layer"])].setdefault(keys[row["kind"]], []).append((int(row["index"]), int(row["closed_step"]) < 0))
+    for layer in state:
+        for key, units in layer.items():
+            layer[key] = torch.tensor([is_open for _, is_open in sorted(units)])
+        if "ffn" in layer:
+            layer["ffn"] = layer["ffn"][0]
+    return state
+
+
+def transplant(dense: nn.Module, closing: list[dict]) -> PrunedViT:
+    """The dense model cut to exactly the units of a HiAP run (its `closing.csv` rows) and extracted."""
+    gated = gate_vit(copy.deepcopy(dense)).eval()
+    state = closing_gate_state(closing, len(gated_blocks(gated)))
+    for layer in state:
+        if "values" in layer:
+            layer["values"] = layer["values"].view(len(layer["heads"]), -1)
+    set_gate_state(gated, state)
+    return extract(gated)

@@ -1,25 +1,31 @@
 """Budget-exact mode (beyond the paper): land on a cost target in one run, without a lambda sweep.
 
 The paper reaches a budget by hand-tuning `lambda_macro` and `lambda_micro`. Here their ratio stays
-fixed and one overall scale `s` multiplies both: the run solves `min task s.t. cost <= target` by dual
-ascent on `log s`, driven by the relative overshoot of the cost:
+fixed and one overall scale `s` multiplies both: the run solves `min task s.t. cost <= target_t` by dual
+ascent on `log s`, driven by the relative overshoot of the cost over the target:
 
-    e = cost / target_t - 1,    I <- I + lr * e,    s = exp(I + gain * e)
+    e = cost / target_t - 1,    I <- I + lr * e  (unless winding up),    s = exp(I + gain * e)
 
-`s` stays positive; it grows while the model is over budget and shrinks once it is under. The
-proportional term matters: Adam moves every gate logit at about `gate_lr` per step whatever the size
-of its gradient, so the scale only decides which gates still fall, and the cost keeps falling until the
-scale drops below what the task gradient of the remaining units outweighs. An integral alone drops it
-far too slowly (measured: target 0.67, expected cost fell on to 0.60); `gain * e` drops it at once, so
-units reopen and the cost hovers at the target.
-Which cost: the hardened cost (what is extracted) moves in steps and lags the logits by the tens of
-steps a gate needs to reach 0, and a gate once closed hardly reopens, so steering on it winds the
-scale up and overshoots for good (measured: target 0.67, landed at 0.56). The controller therefore
-steers on the expected cost (gate probabilities, smooth and without lag) and hands over to the
-hardened cost linearly after the ramp, by which time the gates have polarised and the two agree to a
-few percent. The target falls from the starting cost to its final value over the first `ramp` of
-training (cubic, as in gradual magnitude pruning). `round_to_budget` then flips the least confident
-gates until the hardened cost is within `tolerance` of the target, which makes the +-1% guarantee exact.
+Why the scale must stay small: Adam moves every gate logit at about `gate_lr` per step whatever the
+size of its gradient, so `s` decides only *which* gates fall: those whose task gradient is smaller than
+`s` times their cost gradient. A scale far above that balance closes every unit at the same speed, and
+the order (hence the structure) no longer reads the task. Measured with the previous controller (it
+steered the expected cost along a cubic ramp, gain 20): the scale climbed to 474-563 within 19 steps,
+17x-440x a neuron's task gradient, then collapsed once the cost undershot, and the rounding decided
+301 units.
+
+Which cost: the hardened cost (what is extracted) lags the scale by the tens of steps a logit needs to
+cross 0 (`init_logit / gate_lr`), and the expected cost (gate probabilities) is not the extracted one
+until the gates polarise. The controller steers the *projected* cost: the hardened cost of the logits
+carried forward at their last step's velocity to the `deadline` (a fraction of the search), after it
+the hardened cost itself (`projected_fraction`). It reacts at once (the velocities turn with the
+scale), it measures what will be extracted, and the steps after the deadline hold the structure at the
+target while the temperature anneals and the gates polarise. The scale needed is then the one under
+which just enough units are on their way out: the least important ones. Anti-windup (conditional
+integration): the integral does not grow while the cost is already falling by `PACE` of its gap per
+step (a larger scale moves no gate faster, it only closes important ones too). `round_to_budget` then
+flips the least confident gates until the hardened cost is within `tolerance` of the target; the run
+records how many it flipped, its largest scale and the expected-vs-hardened gap at the freeze.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch import nn
 
 from .cost import UnitCosts, expected_cost, spec_cost
 from .describe import describe
-from .gated_vit import gated_blocks
+from .gated_vit import gated_blocks, gates
 from .spec import ViTSpec
 
 
@@ -40,76 +46,110 @@ from .spec import ViTSpec
 class BudgetController:
     target: float  # final cost as a fraction of the dense cost (static part included)
     lr: float = 0.1  # integral: step on log(scale) per unit of relative overshoot
-    ramp: float = 0.5  # fraction of training over which the target falls from `start` to `target`
-    gain: float = 20.0  # proportional: log(scale) offset per unit of the current relative overshoot
+    deadline: float = 0.7  # fraction of the search by which the projected structure should be on target
+    gain: float = 2.0  # proportional: log(scale) offset per unit of the current relative overshoot
     log_scale: float = 0.0  # the integral part
-    start: float | None = None  # the cost the ramp starts from: the first one observed
     overshoot: float = 0.0  # the last relative overshoot
+    last_cost: float | None = None  # the cost of the last update: the pace the anti-windup reads
+    max_scale: float = 1.0  # the largest scale applied so far
 
     MAX_LOG_SCALE = 10.0  # keeps exp() finite; s = e^10 outweighs any task loss
+    PACE = 0.05  # anti-windup: a cost closing this share of its gap per step keeps pace
 
     @property
     def scale(self) -> float:
         return math.exp(min(max(self.log_scale + self.gain * self.overshoot, -self.MAX_LOG_SCALE), self.MAX_LOG_SCALE))
 
-    def target_at(self, progress: float) -> float:
-        """The moving target at `progress` in [0, 1] of training."""
-        start = max(self.start if self.start is not None else 1.0, self.target)
-        if self.ramp <= 0:
-            return self.target
-        left = 1.0 - min(max(progress, 0.0) / self.ramp, 1.0)
-        return self.target + (start - self.target) * left**3
+    def steps_to_deadline(self, steps_done: int, search_steps: int) -> int:
+        """How far ahead the projection looks after `steps_done` of `search_steps`: to the deadline, then 0."""
+        return max(0, round(self.deadline * search_steps) - steps_done)
 
-    def update(self, cost_fraction: float, progress: float) -> float:
+    def update(self, cost_fraction: float) -> float:
         """One dual-ascent step from the current cost (fraction of dense); returns the new scale."""
-        if self.start is None:
-            self.start = cost_fraction
-        self.overshoot = cost_fraction / self.target_at(progress) - 1.0
-        self.log_scale = min(max(self.log_scale + self.lr * self.overshoot, -self.MAX_LOG_SCALE), self.MAX_LOG_SCALE)
+        self.overshoot = cost_fraction / self.target - 1.0
+        keeping_pace = self.last_cost is not None and self.last_cost - cost_fraction >= self.PACE * (cost_fraction - self.target)
+        if not (self.overshoot > 0 and keeping_pace):
+            self.log_scale = min(max(self.log_scale + self.lr * self.overshoot, -self.MAX_LOG_SCALE), self.MAX_LOG_SCALE)
+        self.last_cost = cost_fraction
+        self.max_scale = max(self.max_scale, self.scale)
         return self.scale
 
-    def hardened_weight(self, progress: float) -> float:
-        """How much the steered cost is the hardened one (vs the expected one): 0 until the ramp ends, then linear to 1."""
-        return min(max((progress - self.ramp) / (1.0 - self.ramp), 0.0), 1.0)
-
     def state_dict(self) -> dict:
-        return {"log_scale": self.log_scale, "start": self.start, "overshoot": self.overshoot}
+        return {
+            "log_scale": self.log_scale,
+            "overshoot": self.overshoot,
+            "last_cost": self.last_cost,
+            "max_scale": self.max_scale,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.log_scale, self.start, self.overshoot = float(state["log_scale"]), state["start"], float(state["overshoot"])
+        self.log_scale, self.overshoot, self.last_cost = float(state["log_scale"]), float(state["overshoot"]), state["last_cost"]
+        self.max_scale = float(state["max_scale"])
 
 
-def budget_step(controller: BudgetController, gated: nn.Module, costs: UnitCosts, dense_cost: float, progress: float) -> dict:
-    """One controller step after an optimizer step: returns the trajectory row (costs as fractions of dense)."""
+def budget_step(
+    controller: BudgetController,
+    gated: nn.Module,
+    costs: UnitCosts,
+    dense_cost: float,
+    steps_done: int,
+    search_steps: int,
+    last_logits: list[torch.Tensor],
+) -> dict:
+    """One controller step after optimizer step `steps_done` of the search (`last_logits`: the gates'
+    logits before it): returns the trajectory row (costs as fractions of dense)."""
     hardened = spec_cost(describe(gated), costs) / dense_cost
-    with torch.no_grad():
-        expected = float(expected_cost(gated, costs, dense_cost - costs.static).total) / dense_cost
-    weight = controller.hardened_weight(progress)
-    steered = (1.0 - weight) * expected + weight * hardened
-    scale = controller.update(steered, progress)
+    ahead = controller.steps_to_deadline(steps_done, search_steps)
+    projected = projected_fraction(gated, costs, dense_cost, last_logits, ahead) if ahead else hardened
+    scale = controller.update(projected)
     return {
-        "progress": progress,
+        "progress": steps_done / search_steps,
         "cost_fraction": hardened,
-        "expected_fraction": expected,
-        "steered_fraction": steered,
-        "target_fraction": controller.target_at(progress),
+        "expected_fraction": expected_fraction(gated, costs, dense_cost),
+        "projected_fraction": projected,
+        "target_fraction": controller.target,
         "penalty_scale": scale,
     }
+
+
+def expected_fraction(gated: nn.Module, costs: UnitCosts, dense_cost: float) -> float:
+    """The expected cost of the gate probabilities, as a fraction of the dense cost."""
+    with torch.no_grad():
+        return float(expected_cost(gated, costs, dense_cost - costs.static).total) / dense_cost
+
+
+@torch.no_grad()
+def projected_fraction(gated: nn.Module, costs: UnitCosts, dense_cost: float, last_logits: list, steps_left: int) -> float:
+    """The hardened cost (fraction of dense) of every logit carried `steps_left` steps on at the velocity of its
+    last step (`last_logits`: the logits before it, in `gates(gated)` order)."""
+    now = [gate.logits.detach().clone() for gate in gates(gated)]
+    try:
+        for gate, logits, before in zip(gates(gated), now, last_logits):
+            gate.logits.data.add_(steps_left * (logits - before))
+        return spec_cost(describe(gated), costs) / dense_cost
+    finally:
+        for gate, logits in zip(gates(gated), now):
+            gate.logits.data.copy_(logits)
 
 
 def finish_budget(
     controller: BudgetController, gated: nn.Module, costs: UnitCosts, dense_cost: float, tolerance: float, min_heads: float
 ) -> dict:
-    """Round the trained gates to the target (`round_to_budget`); returns the run's budget metrics."""
+    """Round the trained gates to the target (`round_to_budget`); returns the run's budget metrics, with how
+    polarised the gates were when the search ended (hardened vs expected cost) and the largest scale used."""
     before = spec_cost(describe(gated), costs) / dense_cost
+    expected = expected_fraction(gated, costs, dense_cost)
     flipped = round_to_budget(gated, costs, controller.target * dense_cost, tolerance, min_heads)
     return {
         "unit": costs.unit,
         "target_fraction": controller.target,
+        "expected_fraction_at_freeze": expected,
         "cost_fraction_before_rounding": before,
+        "hardened_vs_expected_gap": before / expected - 1.0,
         "cost_fraction": spec_cost(describe(gated), costs) / dense_cost,
         "rounded_units": flipped,
         "final_penalty_scale": controller.scale,
+        "max_penalty_scale": controller.max_scale,
     }
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .spec import LayerSpec, ViTSpec
-from .files import atomic_write
+from .files import atomic_write, file_sha256
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -189,8 +189,10 @@ def save_pruned(model: PrunedViT, path: str | os.PathLike) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # safetensors' save_file recreates the file with mode 0600; writing its bytes keeps atomic_write's 0644
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: tmp.write_bytes(save(tensors)))
     arch = {"format": "hiap-pruned-vit", "format_version": FORMAT_VERSION, "spec": model.spec.to_dict()}
-    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    arch["weights_sha256"] = file_sha256(folder / WEIGHTS_FILE)  # load_pruned refuses weights changed since
     atomic_write(folder / ARCH_FILE, lambda tmp: tmp.write_text(json.dumps(arch, indent=1)))
     return folder
 
@@ -209,6 +211,12 @@ def load_pruned(path: str | os.PathLike, map_location: str | torch.device = "cpu
         spec = ViTSpec.from_dict(arch["spec"])
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{arch_file} is not a valid hiap-pruned-vit v{FORMAT_VERSION} architecture: {err}") from err
+    recorded = arch.get("weights_sha256")  # absent in files written before it was recorded
+    if recorded is not None and file_sha256(weights) != recorded:
+        raise ValueError(
+            f"{weights} is not the file {arch_file} was saved with (its sha256 differs): changed or replaced since; "
+            "restore it or save the model again"
+        )
     model = PrunedViT(spec)
     try:
         state = load_file(str(weights), device=str(map_location))

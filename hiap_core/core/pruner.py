@@ -21,7 +21,17 @@ from .budget import BudgetController, budget_step, finish_budget, target_fractio
 from .cost import UnitCosts, expected_cost, spec_cost, unit_costs
 from .describe import describe
 from .extract import extract
-from .gated_vit import GATE_FORWARDS, freeze_gates, gate_parameters, gate_vit, gates, is_gated, set_gate_forward, set_temperature
+from .gated_vit import (
+    GATE_FORWARDS,
+    freeze_gates,
+    gate_parameters,
+    gate_vit,
+    gated_blocks,
+    gates,
+    is_gated,
+    set_gate_forward,
+    set_temperature,
+)
 from .losses import cost_penalties, feasibility_penalty, temperature_at
 from .pruned import PrunedViT
 
@@ -77,8 +87,8 @@ class Pruner:
         costs: UnitCosts | None = None,
         target: float | None = None,
         budget_lr: float = 0.1,
-        budget_gain: float = 20.0,
-        budget_ramp: float = 0.5,
+        budget_gain: float = 2.0,
+        budget_deadline: float = 0.7,
         budget_tolerance: float = 0.005,
         search_fraction: float = 0.5,
         gate_forward: str = "hard",
@@ -105,10 +115,15 @@ class Pruner:
         self.budget, self.budget_rows, self.tolerance, self.rounding = None, [], budget_tolerance, {}
         if target is not None:
             fraction = target_fraction(target, spec, self.costs, min_heads, min_value_fraction, lambda_macro, lambda_micro)
-            self.budget = BudgetController(fraction, budget_lr, budget_ramp, budget_gain)
+            self.budget = BudgetController(fraction, budget_lr, budget_deadline, budget_gain)
         self.tau = tau0
         self.settled_step, self._structure = 0, self._hard_structure()
+        self.closed_at = torch.where(self._structure, -1, 0)  # the step each unit last closed at; -1: open
+        self._last_logits = self._logits()  # the budget controller projects the logits' velocity
         self._frozen_penalties = None
+
+    def _logits(self) -> list[torch.Tensor]:
+        return [gate.logits.detach().clone() for gate in self._gates]
 
     @property
     def frozen(self) -> bool:
@@ -158,7 +173,27 @@ class Pruner:
     def _note_structure(self, steps_done: int) -> None:
         structure = self._hard_structure()
         if not torch.equal(structure, self._structure):
+            self.closed_at[self._structure & ~structure] = steps_done
+            self.closed_at[structure] = -1
             self.settled_step, self._structure = steps_done, structure
+
+    def closing_steps(self) -> list[dict]:
+        """One row per gated unit: its layer, kind (head, value_dim, ffn, neuron), index in its gate, and
+        the step it last closed at (-1: open at the end), in the order of what the search gave up first."""
+        offsets, start = {}, 0
+        for gate in self._gates:
+            offsets[id(gate)], start = start, start + gate.logits.numel()
+        rows = []
+        for layer, (attn, mlp) in enumerate(gated_blocks(self.model)):
+            for kind, gate in (
+                ("head", attn.head_gate),
+                ("value_dim", attn.value_gate),
+                ("ffn", mlp.block_gate),
+                ("neuron", mlp.neuron_gate),
+            ):
+                steps = self.closed_at[offsets[id(gate)] : offsets[id(gate)] + gate.logits.numel()]
+                rows.extend({"layer": layer, "kind": kind, "index": i, "closed_step": int(t)} for i, t in enumerate(steps))
+        return rows
 
     def after_step(self, step: int) -> dict | None:
         """Note whether step `step` changed the hardened structure and, in budget-exact mode, adapt the
@@ -169,7 +204,8 @@ class Pruner:
         self._note_structure(step + 1)
         if self.budget is None:
             return None
-        row = budget_step(self.budget, self.model, self.costs, self.dense_cost, (step + 1) / self.search_steps)
+        row = budget_step(self.budget, self.model, self.costs, self.dense_cost, step + 1, self.search_steps, self._last_logits)
+        self._last_logits = self._logits()
         scale = row["penalty_scale"]
         row = {"step": step + 1, **row, "lambda_macro": scale * self.lambda_macro, "lambda_micro": scale * self.lambda_micro}
         self.budget_rows.append(row)
@@ -184,6 +220,7 @@ class Pruner:
         """Round to the budget (unless the search already ended and did), harden and extract."""
         self.model.eval()
         self._round()
+        self._note_structure(self.total_steps)  # a search to the end rounds here: closing_steps must see it
         return extract(self.model)
 
     def summary(self) -> dict:
@@ -199,7 +236,8 @@ class Pruner:
     def state_dict(self) -> dict:
         """What a resumed run needs besides the model and optimizer: the controller, its trajectory, the
         rounding done at the end of the search and when the structure last changed."""
-        state = {"settled_step": self.settled_step, "rounding": dict(self.rounding)}
+        state = {"settled_step": self.settled_step, "rounding": dict(self.rounding), "closed_at": self.closed_at.clone()}
+        state["last_logits"] = self._last_logits
         if self.budget is not None:
             state.update(budget=self.budget.state_dict(), budget_rows=list(self.budget_rows))
         return state
@@ -207,6 +245,8 @@ class Pruner:
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` after the model's own weights (the structure is read off them)."""
         self.settled_step, self.rounding, self._structure = state["settled_step"], dict(state["rounding"]), self._hard_structure()
+        self.closed_at = state["closed_at"].clone().cpu()
+        self._last_logits = [logits.to(gate.logits.device) for logits, gate in zip(state["last_logits"], self._gates)]
         if self.budget is not None:
             self.budget.load_state_dict(state["budget"])
             self.budget_rows = list(state["budget_rows"])

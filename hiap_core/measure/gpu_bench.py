@@ -219,12 +219,13 @@ def paper_runs(params: dict) -> dict:
         images, batch = cfg.data.train_subset or CIFAR_TRAIN_IMAGES, cfg.optim.batch_size
         return {"runs": count, "epochs": cfg.optim.epochs, "train_images": images, "batch_size": batch, "steps": steps}
 
+    baselines = params["baselines"]
     return {
         "dense": shape(1, "dense"),
         # Table 3's HiAP runs, the gate-forward ablation (every seed) and the latency-targeted run
         "hiap": shape(budgets * seeds + seeds + 1, "hiap"),
-        # every baseline at every budget and seed, and the unpruned fine-tuning control (every seed)
-        "baselines": shape(len(params["baselines"]["methods"]) * budgets * seeds + seeds, "finetune"),
+        # every baseline at every budget and seed, l1_ffn at its budgets, and the unpruned fine-tuning control
+        "baselines": shape((len(baselines["methods"]) * budgets + len(baselines["l1_ffn_budgets"])) * seeds + seeds, "finetune"),
         "sweep": shape(len(ratios), "hiap", sweep_overrides(params, next(iter(ratios)))),
     }
 

@@ -14,9 +14,11 @@ from .figures import (
     learning_curve_plot,
     macs_trajectory_plot,
     pareto_plot,
+    recipe_grid_plot,
     save_figure,
     temperature_plot,
 )
+from .importance import closing_vs_importance, dense_teacher, search_table, teacher_scores
 from .latency import latency_table, latency_vs_macs_target, load_models, onnx_runtimes
 from .tables import METHOD_LABELS, PAPER_TABLE2, PAPER_TABLE3, budget_table, results_table, write_table
 
@@ -30,7 +32,9 @@ __all__ = [
     "architecture_plot",
     "budget_table",
     "budget_trajectory_plot",
+    "closing_vs_importance",
     "cost_table_plot",
+    "dense_teacher",
     "explorer",
     "gate_heatmaps",
     "latency_plot",
@@ -41,9 +45,12 @@ __all__ = [
     "macs_trajectory_plot",
     "onnx_runtimes",
     "pareto_plot",
+    "recipe_grid_plot",
     "results_table",
     "run_metrics",
     "save_figure",
+    "search_table",
+    "teacher_scores",
     "temperature_plot",
     "write_table",
 ]

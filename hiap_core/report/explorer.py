@@ -1,9 +1,10 @@
-"""The gate-evolution explorer of `03_gate_evolution.ipynb`: any study run by name, epoch by epoch, alone
+"""The gate-evolution explorer of `03_gate_evolution.ipynb`: any study run by name, step by step, alone
 or beside another. Every run folder `data/runs/<name>/` holds `history.csv` and `model/`; HiAP runs add
-`gates.csv` (the hardened structure per epoch, epoch 0 = start) and budget-exact runs `budget.csv`.
-Baselines and dense have no gate history: their structure is the final one at every epoch.
+`gates.csv` (the hardened structure every 5 steps of the search, step 0 = start, and once frozen) and
+budget-exact runs `budget.csv` (cost and penalty scale per step). Baselines and dense have no gate
+history: their structure is the final one at every step.
 
-`explore` adds dropdowns and an epoch slider when ipywidgets is installed; without it, the same figures
+`explore` adds dropdowns and a step slider when ipywidgets is installed; without it, the same figures
 are drawn once for the runs the notebook's parameters name."""
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
 
 from ..core.extract import structure_summary
 from ..core.pruned import load_pruned
@@ -28,8 +28,8 @@ class Run:
     """One study run as the explorer reads it."""
 
     name: str
-    history: pd.DataFrame  # per epoch: val_acc, lr, and for HiAP tau, expected_macs, hard_macs
-    gates: pd.DataFrame  # per epoch and layer: heads, value_dims_total, neurons (final structure if not HiAP)
+    history: pd.DataFrame  # per epoch: val_acc, lr, and for HiAP tau, expected_macs, hard_macs; `step` added
+    gates: pd.DataFrame  # per snapshot step and layer: heads, value_dims_total, neurons (final structure if not HiAP)
     budget: pd.DataFrame | None  # per step, budget-exact runs only
     metrics: dict
     spec: ViTSpec  # the final (extracted) architecture
@@ -39,8 +39,13 @@ class Run:
         return self.metrics["dense_macs"]
 
     @property
-    def epochs(self) -> list[int]:
-        return sorted(self.gates["epoch"].unique())
+    def steps(self) -> list[int]:
+        """The steps with a gate snapshot."""
+        return sorted(self.gates["step"].unique())
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.history["step"].iloc[-1])
 
     def full(self, kind: str) -> int:
         """The dense count of a unit kind per layer."""
@@ -60,57 +65,73 @@ def load_run(name: str) -> Run:
         raise FileNotFoundError(f"{folder} is not a finished run; finished runs: {', '.join(run_names()) or 'none'}")
     spec = load_pruned(folder / "model").spec
     history = pd.read_csv(folder / "history.csv")
+    history["step"] = history["epoch"] * history["steps_per_epoch"]
     if (folder / "gates.csv").is_file():
         gates = pd.read_csv(folder / "gates.csv")
-    else:  # a run without gates: its final structure at every epoch
+    else:  # a run without gates: its final structure at every step
         final = structure_summary(spec).iloc[:-1]
-        gates = pd.concat([final.assign(epoch=e) for e in [0, *history["epoch"]]], ignore_index=True)
-    gates = gates[["epoch", "layer", "heads", "value_dims_total", "neurons"]].astype(int)
+        gates = pd.concat([final.assign(step=s) for s in (0, int(history["step"].iloc[-1]))], ignore_index=True)
+    gates = gates[["step", "layer", "heads", "value_dims_total", "neurons"]].astype(int)
     budget = pd.read_csv(folder / "budget.csv") if (folder / "budget.csv").is_file() else None
     metrics = json.loads((folder / "metrics.json").read_text())
     return Run(name, history, gates, budget, metrics, spec)
 
 
 def _cost_fractions(run: Run) -> pd.DataFrame:
-    """Expected and hard cost per epoch as fractions of dense (a run without gates: its final MACs)."""
+    """Expected and hard cost per step as fractions of dense: every step of a budget-exact search, else at
+    the end of each epoch (a run without gates: its final MACs)."""
+    if run.budget is not None:
+        b = run.budget
+        return pd.DataFrame({"step": b["step"], "expected": b["expected_fraction"], "hard": b["cost_fraction"]})
     h = run.history
     if "hard_macs" in h:
         expected, hard = h["expected_macs"] / run.dense_macs, h["hard_macs"] / run.dense_macs
-        return pd.DataFrame({"epoch": h["epoch"], "expected": expected, "hard": hard})
-    return pd.DataFrame({"epoch": h["epoch"], "expected": float("nan"), "hard": run.metrics["macs_fraction"]})
+        return pd.DataFrame({"step": h["step"], "expected": expected, "hard": hard})
+    return pd.DataFrame({"step": h["step"], "expected": float("nan"), "hard": run.metrics["macs_fraction"]})
 
 
-def evolution_plot(run: Run, epoch: int | None = None):
-    """Per epoch: units kept per layer (one line per layer, each kind as a fraction of dense), expected vs
-    hard cost, test accuracy, and temperature and learning rate. `epoch`: a vertical marker (the slider)."""
+def evolution_plot(run: Run, step: int | None = None):
+    """Over the steps: units kept per layer (one line per layer, each kind as a fraction of dense), expected
+    vs hard cost with the penalty scale, validation accuracy, and temperature and learning rate; the end of
+    the search dashed, `step` (the slider) a red line."""
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     layers = sorted(run.gates["layer"].unique())
     colors = plt.cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
     for ax, (kind, label) in zip(axes[0], KINDS):
         for color, layer in zip(colors, layers):
             rows = run.gates[run.gates["layer"] == layer]
-            ax.plot(rows["epoch"], rows[kind], "o-", color=color, label=f"layer {layer}")
+            ax.plot(rows["step"], rows[kind], ".-", color=color, label=f"layer {layer}")
         ax.set_ylim(-0.05 * run.full(kind), 1.05 * run.full(kind))
         ax.set_title(f"{label} kept per layer (of {run.full(kind)})")
     axes[0][0].legend(fontsize=7, ncol=2)
     cost = _cost_fractions(run)
-    axes[1][0].plot(cost["epoch"], cost["expected"], "o-", label="expected (gate probabilities)")
-    axes[1][0].plot(cost["epoch"], cost["hard"], "s-", label="hard (hardened gates)")
+    axes[1][0].plot(cost["step"], cost["expected"], "-", label="expected (gate probabilities)")
+    axes[1][0].plot(cost["step"], cost["hard"], "-", label="hard (hardened gates)")
     if (run.metrics.get("target_macs") or 2) <= 1:  # a fraction of dense (above 1: MACs)
         axes[1][0].axhline(run.metrics["target_macs"], color="tab:gray", ls="--", label="target")
     axes[1][0].set(title="cost, fraction of dense MACs", ylim=(0, 1.05))
+    if run.budget is not None:
+        scale = axes[1][0].twinx()
+        scale.semilogy(run.budget["step"], run.budget["penalty_scale"], color="tab:green", lw=1, label="penalty scale")
+        scale.set_ylabel("penalty scale (log)")
+        scale.legend(loc="lower left", fontsize=7)
     axes[1][0].legend(fontsize=7)
-    axes[1][1].plot(run.history["epoch"], 100 * run.history["val_acc"], "o-")
+    axes[1][1].plot(run.history["step"], 100 * run.history["val_acc"], "o-")
     axes[1][1].set_title(f"validation accuracy (%); final test {100 * run.metrics['test_acc']:.2f}")
     _schedule_panel(axes[1][2], run)
+    search_end = run.metrics.get("structure", {}).get("search_steps")
     for ax in axes.flat:
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.set_xlim(0, run.total_steps)
         ax.grid(alpha=0.3)
-        if epoch is not None:
-            ax.axvline(epoch, color="tab:red", lw=1)
+        if search_end is not None:
+            ax.axvline(search_end, color="tab:gray", ls=":", lw=1)
+        if step is not None:
+            ax.axvline(step, color="tab:red", lw=1)
     m = run.metrics
-    fig.suptitle(f"{run.name}: {m['method']}, {m['macs'] / 1e6:.2f}M MACs ({m['reduction_pct']:.1f}% cut)")
+    fig.suptitle(
+        f"{run.name}: {m['method']}, {m['macs'] / 1e6:.2f}M MACs ({m['reduction_pct']:.1f}% cut); dotted: the gates freeze"
+    )
     fig.tight_layout()
     return fig
 
@@ -119,49 +140,53 @@ def _schedule_panel(ax, run: Run) -> None:
     """Temperature (left axis, HiAP runs) and learning rate (right axis) at the end of each epoch."""
     h = run.history
     if "tau" in h:
-        ax.plot(h["epoch"], h["tau"], "o-", color="tab:purple", label="temperature")
+        ax.plot(h["step"], h["tau"], "o-", color="tab:purple", label="temperature")
         ax.set_ylabel("Gumbel-Sigmoid temperature")
         ax.legend(loc="upper right", fontsize=7)
     lr = ax.twinx()
-    lr.plot(h["epoch"], h["lr"], "s--", color="tab:orange", label="learning rate")
+    lr.plot(h["step"], h["lr"], "s--", color="tab:orange", label="learning rate")
     lr.set_ylabel("learning rate")
     lr.legend(loc="lower left", fontsize=7)
     ax.set_title("temperature and learning rate")
 
 
-def epoch_structure(run: Run, epoch: int) -> pd.DataFrame:
-    """Per layer at `epoch`: heads, value dims and neurons kept (the hardened gates then)."""
-    rows = run.gates[run.gates["epoch"] == epoch].set_index("layer")
+def step_structure(run: Run, step: int) -> pd.DataFrame:
+    """Per layer at `step`: heads, value dims and neurons kept (the last snapshot at or before it)."""
+    shown = max(s for s in run.steps if s <= step) if step >= 0 else run.steps[0]
+    rows = run.gates[run.gates["step"] == shown].set_index("layer")
     return rows[["heads", "value_dims_total", "neurons"]].rename(columns={"value_dims_total": "value_dims"})
 
 
-def comparison_plot(runs: list[Run], epoch: int | None = None):
-    """Runs side by side: per layer, the units each kept (at `epoch`, else at the end) as grouped bars, and
-    hard cost and accuracy per epoch."""
-    fig, axes = plt.subplots(1, 5, figsize=(20, 0.5 * len(runs[0].spec.layers) + 3))
+def comparison_plot(runs: list[Run], step: int | None = None):
+    """Runs side by side: per layer, the units each kept (at `step`, else at the end) as grouped bars on a
+    row of three, and below the hard cost and the validation accuracy over the steps."""
+    fig = plt.figure(figsize=(15, 0.5 * len(runs[0].spec.layers) + 7))
+    grid = fig.add_gridspec(2, 6)
+    bars = [fig.add_subplot(grid[0, 2 * i : 2 * i + 2]) for i in range(3)]
+    cost_ax, acc_ax = fig.add_subplot(grid[1, :3]), fig.add_subplot(grid[1, 3:])
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
-        shown = run.epochs[-1] if epoch is None else min(epoch, run.epochs[-1])
-        rows = run.gates[run.gates["epoch"] == shown].sort_values("layer")
+        shown = run.total_steps if step is None else min(step, run.total_steps)
+        rows = step_structure(run, shown).reset_index().sort_values("layer")
         y = [layer + (i - (len(runs) - 1) / 2) * width for layer in rows["layer"]]
-        for ax, (kind, label) in zip(axes, KINDS):
-            ax.barh(y, rows[kind], height=width, color=plt.cm.tab10(i), label=f"{run.name} (epoch {shown})")
+        for ax, (kind, label) in zip(bars, KINDS):
+            ax.barh(y, rows[kind.replace("_total", "")], height=width, color=plt.cm.tab10(i), label=f"{run.name} (step {shown})")
+            ax.set_xlim(0, run.full(kind))
             ax.set_title(f"{label} kept per layer (of {run.full(kind)})")
         cost = _cost_fractions(run)
-        axes[3].plot(cost["epoch"], cost["hard"], "o-", color=plt.cm.tab10(i), label=run.name)
-        axes[4].plot(run.history["epoch"], 100 * run.history["val_acc"], "o-", color=plt.cm.tab10(i), label=run.name)
-    for ax in axes[:3]:
+        cost_ax.plot(cost["step"], cost["hard"], "-", color=plt.cm.tab10(i), label=run.name)
+        acc_ax.plot(run.history["step"], 100 * run.history["val_acc"], "o-", color=plt.cm.tab10(i), label=run.name)
+    for ax in bars:
         ax.set_yticks(range(len(runs[0].spec.layers)))
         ax.set_ylabel("layer")
         ax.invert_yaxis()
-    axes[0].legend(fontsize=7)
-    axes[3].set(title="hard cost, fraction of dense MACs", xlabel="epoch", ylim=(0, 1.05))
-    axes[4].set(title="test accuracy (%)", xlabel="epoch")
-    for ax in axes[3:]:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(*bars[0].get_legend_handles_labels(), loc="upper center", ncol=len(runs), fontsize=8)
+    cost_ax.set(title="hard cost, fraction of dense MACs", xlabel="step", ylim=(0, 1.05))
+    acc_ax.set(title="validation accuracy (%)", xlabel="step")
+    for ax in (cost_ax, acc_ax):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
@@ -186,33 +211,52 @@ def comparison_table(runs: list[Run]) -> pd.DataFrame:
 
 
 def explore(first: str, second: str | None = None):
-    """Dropdowns for one or two runs and a slider over epochs (ipywidgets); None without ipywidgets, in
-    which case the notebook's static figures for `first` and `second` are all there is."""
+    """Dropdowns for one or two runs and a slider over steps (ipywidgets); None without ipywidgets, in which
+    case the notebook's static figures for `first` and `second` are all there is. One change of a control
+    draws the output once (`draws` counts them): a new run first moves the slider into its range, quietly."""
     try:
         import ipywidgets as widgets
     except ImportError:
         print("ipywidgets is not installed: the figures above are static (set run_name / compare_with and rerun)")
         return None
-    from IPython.display import display
+    from IPython.display import clear_output, display
 
     names = run_names()
     pick = widgets.Dropdown(options=names, value=first, description="run")
     other = widgets.Dropdown(options=["(none)", *names], value=second or "(none)", description="beside")
-    last = load_run(first).epochs[-1]
-    epoch = widgets.IntSlider(value=last, min=0, max=last, description="epoch")
+    last = load_run(first).total_steps
+    step = widgets.IntSlider(value=last, min=0, max=last, description="step")
+    output = widgets.Output()
+    box = widgets.VBox([widgets.HBox([pick, other, step]), output])
+    box.draws, quiet = 0, [False]
 
-    def draw(name, beside, shown):
-        run = load_run(name)
-        epoch.max = run.epochs[-1]
-        display(epoch_structure(run, min(shown, run.epochs[-1])).T)
-        figures = [evolution_plot(run, shown)]
-        if beside != "(none)":
-            runs = [run, load_run(beside)]
-            display(comparison_table(runs))
-            figures.append(comparison_plot(runs, shown))
-        for fig in figures:
-            display(fig)
-            plt.close(fig)
+    def draw(_=None):
+        if quiet[0]:
+            return
+        run = load_run(pick.value)
+        with output:
+            clear_output(wait=True)
+            display(step_structure(run, step.value).T)
+            figures = [evolution_plot(run, step.value)]
+            if other.value != "(none)":
+                runs = [run, load_run(other.value)]
+                display(comparison_table(runs))
+                figures.append(comparison_plot(runs, step.value))
+            for fig in figures:
+                display(fig)
+                plt.close(fig)
+        box.draws += 1
 
-    output = widgets.interactive_output(draw, {"name": pick, "beside": other, "shown": epoch})
-    return widgets.VBox([widgets.HBox([pick, other, epoch]), output])
+    def new_run(_):
+        quiet[0] = True  # moving the slider into the new run's range must not draw a second time
+        try:
+            step.max = load_run(pick.value).total_steps
+        finally:
+            quiet[0] = False
+        draw()
+
+    pick.observe(new_run, names="value")
+    other.observe(draw, names="value")
+    step.observe(draw, names="value")
+    draw()
+    return box

@@ -24,40 +24,75 @@ def save_figure(fig, name: str) -> Path:
     return path
 
 
-def gate_heatmaps(gates: pd.DataFrame, spec: ViTSpec, title: str, settled_epoch: float | None = None):
-    """Heads, value dims and FFN neurons remaining per layer (rows) over epochs (columns); darker = more kept.
-    `settled_epoch`: where the hardened structure last changed, drawn as a red line."""
+def gate_heatmaps(gates: pd.DataFrame, spec: ViTSpec, title: str, freeze_step: int | None = None):
+    """Heads, value dims and FFN neurons remaining per layer (rows) over the search's steps (columns, one per
+    gate snapshot); darker = more kept. `freeze_step`: where the gates were rounded and frozen (red line)."""
     panels = (
         ("heads", spec.num_heads, "heads"),
         ("value_dims_total", spec.num_heads * spec.head_dim, "value dims"),
         ("neurons", spec.mlp_hidden_dense, "FFN neurons"),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(spec.layers) + 2))
+    fig, axes = plt.subplots(3, 1, figsize=(14, 3 * (0.35 * len(spec.layers) + 1.2)))
     for ax, (column, full, label) in zip(axes, panels):
-        grid = gates.pivot(index="layer", columns="epoch", values=column)
-        sns.heatmap(
-            grid / full, ax=ax, vmin=0, vmax=1, cmap="Blues", annot=grid, fmt="g", cbar=ax is axes[-1], annot_kws={"fontsize": 7}
-        )
-        ax.set_title(f"{label} remaining (of {full})")
-        ax.set_xlabel("epoch")
-        if settled_epoch is not None:  # column e is centred at e + 0.5
-            ax.axvline(settled_epoch + 0.5, color="tab:red", lw=2, label="structure settled")
-    if settled_epoch is not None:
+        grid = gates.pivot(index="layer", columns="step", values=column)
+        sns.heatmap(grid / full, ax=ax, vmin=0, vmax=1, cmap="Blues", cbar=ax is axes[0], xticklabels=2)
+        ax.set_title(f"{label} remaining (of {full}) per layer")
+        ax.set_xlabel("optimizer step")
+        if freeze_step is not None and freeze_step in grid.columns:  # column i spans [i, i + 1)
+            ax.axvline(list(grid.columns).index(freeze_step) + 1, color="tab:red", lw=2, label="gates rounded and frozen")
+    if freeze_step is not None:
         axes[0].legend(loc="lower left", fontsize=7)
-    fig.suptitle(title, y=1.04)
+    fig.suptitle(title, y=1.0)
+    fig.tight_layout()
     return fig
 
 
-def pareto_plot(table: pd.DataFrame):
-    """Accuracy vs MACs of every run of the study; HiAP runs labelled by name."""
-    fig, ax = plt.subplots(figsize=(7, 5))
-    sns.scatterplot(data=table, x="macs_M", y="accuracy_pct", hue="method", style="method", s=90, ax=ax)
-    for _, row in table.iterrows():
-        ax.annotate(row["run"], (row["macs_M"], row["accuracy_pct"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("MACs per image (M)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs MACs, all runs")
+def pareto_plot(frontier: pd.DataFrame, control: tuple[float, float] | None = None, teacher: float | None = None):
+    """Accuracy vs MACs, one line per method through its budgets: the mean over seeds with its 95% interval
+    (`stats.frontier`), the unpruned control (mean, interval half-width) as a band and the teacher as a line."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (method, rows) in enumerate(frontier.groupby("method", sort=False)):
+        rows = rows.sort_values("macs_fraction")
+        ax.errorbar(
+            100 * rows["macs_fraction"],
+            rows["acc_mean"],
+            yerr=rows["ci_half"],
+            fmt="o-",
+            capsize=3,
+            color=plt.cm.tab10(i),
+            label=method,
+        )
+    if control is not None:
+        mean, half = control
+        ax.axhspan(mean - half, mean + half, color="tab:gray", alpha=0.2)
+        ax.axhline(mean, color="tab:gray", lw=1, label="unpruned control (KD fine-tune)")
+    if teacher is not None:
+        ax.axhline(teacher, color="black", ls="--", lw=1, label="teacher (dense)")
+    ax.set_xlabel("MACs per image (% of dense)")
+    ax.set_ylabel("test accuracy (%): mean over seeds, 95% interval")
+    ax.set_title("Accuracy vs MACs")
     ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def recipe_grid_plot(table: pd.DataFrame):
+    """Validation accuracy vs peak learning rate of the recipe grid, one panel per tuned budget and a line per
+    method (no warmup); the run with warmup as a ring at its rate, the pick as a star."""
+    budgets = list(dict.fromkeys(table["budget"]))
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.8), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        at = table[table["budget"] == budget]
+        for i, (method, rows) in enumerate(at.groupby("method", sort=False)):
+            color = plt.cm.tab10(i)
+            plain, warm = rows[rows["warmup"] == 0], rows[rows["warmup"] > 0]
+            ax.plot(plain["lr"], plain["val_acc"], "o-", color=color, label=method)
+            ax.plot(warm["lr"], warm["val_acc"], "o", mfc="none", ms=10, color=color)
+            picked = rows[rows["picked"]]
+            ax.plot(picked["lr"], picked["val_acc"], "*", ms=14, color=color)
+        ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation accuracy (%)", title=f"budget {budget}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return fig
 
 
@@ -96,17 +131,23 @@ def learning_curve_plot(history: pd.DataFrame, title: str):
     return fig
 
 
-def macs_trajectory_plot(history: pd.DataFrame, dense_macs: int, settled_epoch: float | None = None):
-    """Expected and hard MACs per epoch; `settled_epoch`: where the hardened structure last changed."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if settled_epoch is not None:
-        ax.axvline(settled_epoch, color="tab:red", lw=1.5, ls="--", label=f"structure settled (epoch {settled_epoch:.2f})")
-    ax.plot(history["epoch"], history["expected_macs"] / dense_macs, marker="o", label="expected (soft gates)")
-    ax.plot(history["epoch"], history["hard_macs"] / dense_macs, marker="s", label="hard (hardened gates)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("fraction of dense MACs")
-    ax.set_ylim(0, 1.05)
-    ax.legend()
+def macs_trajectory_plot(budget: pd.DataFrame, freeze_step: int | None = None):
+    """Per step of a budget-exact search (`budget.csv`): the hardened, expected and projected cost against the
+    target (left axis) and the penalty scale (right axis, log); `freeze_step`: where the gates froze."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(budget["step"], budget["cost_fraction"], label="hardened (extracted)")
+    ax.plot(budget["step"], budget["expected_fraction"], label="expected (gate probabilities)")
+    ax.plot(budget["step"], budget["projected_fraction"], lw=1, alpha=0.7, label="projected (what the controller steers)")
+    ax.plot(budget["step"], budget["target_fraction"], color="tab:gray", ls="--", label="target")
+    if freeze_step is not None:
+        ax.axvline(freeze_step, color="tab:red", lw=1.5, label="gates rounded and frozen")
+    ax.set(xlabel="optimizer step", ylabel="fraction of dense MACs", ylim=(0, 1.05))
+    scale = ax.twinx()
+    scale.semilogy(budget["step"], budget["penalty_scale"], color="tab:green", lw=1, label="penalty scale")
+    scale.set_ylabel("penalty scale (log)")
+    lines, labels = ax.get_legend_handles_labels()
+    more, more_labels = scale.get_legend_handles_labels()
+    ax.legend(lines + more, labels + more_labels, fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
     return fig
 
@@ -135,7 +176,7 @@ def architecture_plot(spec: ViTSpec, title: str):
 
 
 def budget_trajectory_plot(names: list[str]):
-    """Per step of each budget-exact run: hardened cost vs the moving target (top) and the adapted lambdas (bottom)."""
+    """Per step of each budget-exact run: hardened cost vs the target (top) and the adapted lambdas (bottom)."""
     fig, (ax_cost, ax_lambda) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
     for i, name in enumerate(names):
         trajectory = pd.read_csv(RUNS / name / "budget.csv")
@@ -148,7 +189,7 @@ def budget_trajectory_plot(names: list[str]):
     ax_cost.set_title("Budget-exact mode: dual ascent on the penalty scale")
     ax_lambda.set_yscale("log")
     ax_lambda.set_ylabel("penalty weight")
-    ax_lambda.set_xlabel("fraction of training")
+    ax_lambda.set_xlabel("fraction of the structure search")
     for ax in (ax_cost, ax_lambda):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)

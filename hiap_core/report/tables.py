@@ -45,6 +45,7 @@ METHOD_LABELS = {
     "l1_ffn": "L1-Structured (FFN)",
     "torch_pruning": "Torch-Pruning (L1 group, global)",
     "hiap": "HiAP",
+    "transplant": "HiAP structure, baseline fine-tune (transplant)",
 }
 
 
@@ -76,8 +77,9 @@ def write_table(table: pd.DataFrame, name: str, floatfmt: str = ".2f", csv: bool
 
 
 def budget_table(names: list[str], hiap: dict) -> pd.DataFrame:
-    """Each budget-exact run against its target: where it landed before and after rounding, the units
-    rounded, the lambdas the controller ended on, when its structure settled, and its accuracy."""
+    """Each budget-exact run against its target: where it landed before and after rounding, how polarised its
+    gates were at the freeze (hardened vs expected cost), the units rounded, the largest and the final
+    penalty scale, when its structure settled, and its accuracy."""
     rows = []
     for name in names:
         m = run_metrics(name)
@@ -90,7 +92,10 @@ def budget_table(names: list[str], hiap: dict) -> pd.DataFrame:
                 "cost_fraction": budget["cost_fraction"],
                 "error_pct": 100 * (budget["cost_fraction"] / budget["target_fraction"] - 1),
                 "before_rounding_fraction": budget["cost_fraction_before_rounding"],
+                "expected_at_freeze": budget["expected_fraction_at_freeze"],
+                "hardened_vs_expected_pct": 100 * budget["hardened_vs_expected_gap"],
                 "rounded_units": budget["rounded_units"],
+                "max_penalty_scale": budget["max_penalty_scale"],
                 "final_lambda_macro": scale * hiap["lambda_macro"],
                 "final_lambda_micro": scale * hiap["lambda_micro"],
                 "settled_fraction": m["structure"]["settled_fraction"],

@@ -16,7 +16,8 @@ import yaml
 
 from ..core.gated_vit import GATE_FORWARDS
 
-METHODS = ("dense", "hiap", "uniform", "l1_ffn", "torch_pruning", "finetune")  # finetune: the teacher, KD fine-tuned, unpruned
+# finetune: the teacher, KD fine-tuned, unpruned; transplant: a HiAP run's units on the teacher's weights, fine-tuned
+METHODS = ("dense", "hiap", "uniform", "l1_ffn", "torch_pruning", "finetune", "transplant")
 COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 IMAGES = {"fashion_mnist": (1, 28), "cifar10": (3, 32), "imagenet": (3, None)}  # (channels, side; None: resized)
@@ -92,8 +93,8 @@ class HiAPConfig:
     cost_table: str | None = "reports/tables/cost_table.json"  # per-unit latency table (hiap_core.measure.cost_table)
     target_latency: float | None = None  # budget-exact mode for cost latency: fraction of dense latency
     budget_lr: float = 0.1  # budget-exact mode: integral step on log(penalty scale) per unit of overshoot
-    budget_gain: float = 20.0  # ... proportional: log(penalty scale) offset per unit of the current overshoot
-    budget_ramp: float = 0.5  # ... the target falls from the first observed cost to its value over this fraction of training
+    budget_gain: float = 2.0  # ... proportional: log(penalty scale) offset per unit of the current overshoot
+    budget_deadline: float = 0.7  # ... the projected structure should be on target by this fraction of the search
     budget_tolerance: float = 0.005  # ... final hardened cost further than this (relative): round the least sure gates
     search_fraction: float = 0.5  # the gates search this fraction of the steps, then freeze (1: to the end)
     gate_forward: str = "hard"  # hard: 0/1 sample, straight-through gradient; soft: the relaxed sample
@@ -107,6 +108,7 @@ class RunConfig:
     teacher: str | None = None  # folder written by the dense run (its `model/`), for hiap and baselines
     target_macs: float | None = None  # fraction of dense MACs (<= 1) or MACs (> 1): baselines cut to it; HiAP
     # with it set runs in budget-exact mode (lambda ratio kept, scale adapted); None: plain lambda mode
+    structure: str | None = None  # transplant: the HiAP run folder whose kept units (its closing.csv) it trains
     progress: bool = True  # tqdm bars (off on non-zero ranks and when CI is set)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -267,7 +269,7 @@ def _cost_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ),
         ("hiap.budget_lr", cfg.hiap.budget_lr > 0, "must be > 0"),
         ("hiap.budget_gain", cfg.hiap.budget_gain >= 0, "must be >= 0"),
-        ("hiap.budget_ramp", 0 <= cfg.hiap.budget_ramp < 1, "must be in [0, 1)"),
+        ("hiap.budget_deadline", 0 < cfg.hiap.budget_deadline <= 1, "must be in (0, 1]: a fraction of the search"),
         ("hiap.budget_tolerance", 0 < cfg.hiap.budget_tolerance <= 0.05, "must be in (0, 0.05]"),
     ]
 
@@ -282,6 +284,8 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.method in ("uniform", "l1_ffn", "torch_pruning"):
         if cfg.target_macs is None or not 0 < cfg.target_macs < 1:
             _fail("target_macs", cfg.target_macs, f"must be in (0, 1) for method {cfg.method}")
+    if (cfg.method == "transplant") != (cfg.structure is not None):
+        _fail("structure", cfg.structure, "a HiAP run folder for method transplant, and only for it")
     if cfg.method != "dense" and cfg.teacher is None and cfg.model.pretrained is None:
         _fail("teacher", None, f"method {cfg.method} needs the dense run's folder (teacher) or model.pretrained")
     if cfg.model.name != "custom" and cfg.model.name not in _timm_models():
@@ -314,6 +318,7 @@ STAGE_GROUPS = {  # the params.yaml group each method's optimiser settings come 
     "l1_ffn": "baselines",
     "torch_pruning": "baselines",
     "finetune": "baselines",
+    "transplant": "baselines",
 }
 SECTIONS = ("data", "model", "optim", "hiap")
 KD_KEYS = ("kd_alpha", "kd_temperature")  # the `hiap` settings every distilled run reads, not only HiAP's
@@ -344,9 +349,11 @@ PARAMS_SCHEMA = {
     "model": _leaves(*_names(ModelConfig)),
     "dense": _leaves(*_STAGE_KEYS),
     "hiap": _leaves(*_STAGE_KEYS),
-    "baselines": _leaves(*_STAGE_KEYS, "methods"),
+    "baselines": _leaves(*_STAGE_KEYS, "methods", "l1_ffn_budgets"),
     "seeds": None,
     "budgets": {"*": _leaves("target_macs")},
+    "recipe_grid": _leaves("lr", "warmup", "budgets", "seed"),
+    "recipes": {"*": None},
     "ablation": _leaves("budget", "gate_forward"),
     "latency_target": _leaves("target"),
     "cost_table": _leaves("batch_size", "threads", "fit_models", "eval_models", "runs", "seed"),
@@ -484,7 +491,7 @@ def config_from_params(params: dict | str | Path, method: str, overrides: dict |
     flat = {}
     for section in ("data", "model"):
         flat.update({f"{section}.{k}": v for k, v in (params.get(section) or {}).items()})
-    flat.update({_stage_field(k): v for k, v in (params.get(stage) or {}).items() if k != "methods"})
+    flat.update({_stage_field(k): v for k, v in (params.get(stage) or {}).items() if k not in ("methods", "l1_ffn_budgets")})
     if stage != "hiap":  # KD settings are shared by every distilled run
         flat.update({f"hiap.{k}": v for k, v in (params.get("hiap") or {}).items() if k in KD_KEYS})
     apply_overrides(cfg, flat)

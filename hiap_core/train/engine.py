@@ -5,8 +5,9 @@
 
 Writes into `--out`: `checkpoint.pt` (every epoch, atomic; rerunning the same command resumes),
 `history.csv` (per epoch: accuracy, loss terms, temperature, expected and hard MACs), `gates.csv` (tidy
-gate state per epoch and layer), `budget.csv` (budget-exact mode: penalty scale, target and hardened
-cost per step), `metrics.json` (final, for `dvc metrics show`) and `model/` (the extracted model,
+hardened structure per layer every 5 steps of the search, and once frozen), `closing.csv` (the step each
+gated unit closed at), `budget.csv` (budget-exact mode: penalty scale, target and hardened cost per
+step), `metrics.json` (final, for `dvc metrics show`) and `model/` (the extracted model,
 `load_pruned`-able). HiAP itself is `hiap_core.Pruner`; this engine adds data, teacher, schedule,
 evaluation, checkpoints and reports around it.
 """
@@ -32,15 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
 
-from ..core.baselines import prune_to_target
+from ..core.baselines import prune_to_target, transplant
 from ..core.budget import InfeasibleBudget
 from ..core.cost import UnitCosts, count_macs, expected_macs, load_cost_table, unit_costs
 from ..core.describe import describe
 from ..core.extract import extract, structure_summary
 from ..core.files import atomic_write
-from ..core.gated_vit import gate_vit
+from ..core.gated_vit import gate_parameters, gate_vit
 from ..core.losses import kd_loss
-from ..core.pruned import WEIGHTS_FILE, load_pruned, save_pruned
+from ..core.pruned import WEIGHTS_FILE, file_sha256, load_pruned, save_pruned
 from ..core.pruner import Pruner, param_groups
 from .config import ConfigError, RunConfig, read_by
 from .data import build_loaders
@@ -171,14 +172,6 @@ def load_teacher(cfg: RunConfig) -> nn.Module:
         raise ConfigError(f"teacher = {cfg.teacher!r}: {err}; rerun the dense stage (method dense)") from err
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()  # hashlib.file_digest needs Python 3.11; the project supports 3.10
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def teacher_fingerprint(cfg: RunConfig) -> str:
     """sha256 of the teacher's weights file (the dense run's, or `model.pretrained`): a retrained teacher in
     the same folder makes every run distilled from it another run."""
@@ -201,7 +194,19 @@ def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
             raise ConfigError(f"teacher = {cfg.teacher!r} does not match the model config: {first}") from err
     if cfg.method in ("hiap", "finetune"):
         return dense
+    if cfg.method == "transplant":
+        return transplant(dense.eval(), pd.read_csv(structure_file(cfg)).to_dict("records"))
     return prune_to_target(dense.eval(), cfg.method, cfg.target_macs)
+
+
+def structure_file(cfg: RunConfig) -> Path:
+    """The `closing.csv` of a transplant's HiAP run (`structure`): one line naming the field when it is not one."""
+    path = Path(cfg.structure) / "closing.csv"
+    if not path.is_file():
+        raise ConfigError(
+            f"invalid config: structure = {cfg.structure!r}: {path} not found; transplant needs a finished HiAP run"
+        )
+    return path
 
 
 def cost_model(cfg: RunConfig, spec) -> UnitCosts:
@@ -237,7 +242,7 @@ def make_pruner(cfg: RunConfig, model: nn.Module, total_steps: int) -> Pruner:
             target=target,
             budget_lr=h.budget_lr,
             budget_gain=h.budget_gain,
-            budget_ramp=h.budget_ramp,
+            budget_deadline=h.budget_deadline,
             budget_tolerance=h.budget_tolerance,
             search_fraction=h.search_fraction,
             gate_forward=h.gate_forward,
@@ -331,11 +336,15 @@ def _write_reports(out: Path, history: list[dict], gate_rows: list[dict], budget
         atomic_write(out / "budget.csv", lambda p: pd.DataFrame(budget_rows).to_csv(p, index=False))
 
 
-def gate_rows_for(model: nn.Module, epoch: int) -> list[dict]:
+GATE_SNAPSHOT_STEPS = 5  # gates.csv: the hardened structure every this many steps of the search
+
+
+def gate_rows_for(model: nn.Module, step: int, steps_per_epoch: int) -> list[dict]:
+    """The hardened structure per layer after `step` optimizer steps (`epoch`: the same as a fraction)."""
     table = structure_summary(model).iloc[:-1]
     rows = table.drop(columns=["macs", "macs_no_attn_matmul", "params"]).to_dict("records")
     for row in rows:
-        row["epoch"] = epoch
+        row["step"], row["epoch"] = step, step / steps_per_epoch
         row["value_dims"] = " ".join(map(str, row["value_dims"]))
     return rows
 
@@ -367,6 +376,10 @@ class Trainer:
         self._check_out_writable()
         self._prepare()
         start = self._resume()
+        finished = self.out / "metrics.json"
+        if start == self.cfg.optim.epochs and finished.is_file():  # finished with this config and inputs: as it was
+            self._log(f"[{self.out.name}] finished with this config: {finished} kept")
+            return json.loads(finished.read_text())
         self.net = self.model
         if self.dist.world > 1:  # after the resume: DDP broadcasts rank 0's weights when it wraps the model
             device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
@@ -417,6 +430,8 @@ class Trainer:
             self.pruner = make_pruner(cfg, model, self.total_steps)
         self.inputs = self._inputs()  # fixed for the run: fingerprinted once
         self.model = model.to(dist.device)
+        gate_ids = {id(p) for p in gate_parameters(self.model)}
+        self.weights = [p for p in self.model.parameters() if id(p) not in gate_ids]
         groups = param_groups(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.gate_lr)
         for group in groups:
             group["base_lr"] = group["lr"]  # the schedule scales each group's own rate
@@ -441,7 +456,7 @@ class Trainer:
                 state = None
         if state is None:
             if self.pruner is not None and self.dist.main:
-                self.gate_rows = gate_rows_for(self.model, 0)
+                self.gate_rows = gate_rows_for(self.model, 0, self.steps_per_epoch)
             return 0
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -463,6 +478,8 @@ class Trainer:
         inputs = {"data split": split.hexdigest()}
         if self.cfg.method != "dense":
             inputs["teacher's weights"] = teacher_fingerprint(self.cfg)
+        if self.cfg.method == "transplant":
+            inputs["structure's kept units"] = file_sha256(structure_file(self.cfg))
         if self.pruner is not None and self.cfg.hiap.cost == "latency":
             inputs["hiap.cost_table's coefficients"] = json.dumps(dataclasses.asdict(self.pruner.costs), sort_keys=True)
         return inputs
@@ -507,7 +524,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         if pruner is not None:
-            pruner.set_step(step)
+            pruner.set_step(step)  # rounds and freezes the gates at the end of the search
         x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
         terms = step_loss(self.net, x, y, cfg, self.teacher, pruner, self.amp_dtype)
         self._check_finite(terms, epoch, i)
@@ -515,11 +532,16 @@ class Trainer:
         self.scaler.scale(terms["loss"]).backward()
         if cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            # the weights only: a penalty spike on the gate logits would otherwise shrink the weights' update
+            nn.utils.clip_grad_norm_(self.weights, cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)  # fp16: skipped when the scaled gradients overflowed
         self.scaler.update()
         if pruner is not None:
             pruner.after_step(step)
+            searching, frozen_first = step < pruner.search_steps, step == pruner.search_steps  # by step: resumes alike
+            due = searching and ((step + 1) % GATE_SNAPSHOT_STEPS == 0 or step + 1 == pruner.search_steps)
+            if self.dist.main and (due or frozen_first):  # the first frozen step shows the rounded structure
+                self.gate_rows = self.gate_rows + gate_rows_for(self.model, step + 1, self.steps_per_epoch)
         values = {k: float(v.detach()) for k, v in terms.items()}
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -572,7 +594,6 @@ class Trainer:
                 hard_macs=count_macs(self.model),
                 penalty_scale=pruner.penalty_scale,
             )
-            self.gate_rows = self.gate_rows + gate_rows_for(self.model, epoch + 1)
             gated = f" tau {pruner.tau:.3f}"
         self.history = self.history + [row]
         self.epochs_run += 1
@@ -628,6 +649,9 @@ class Trainer:
         if self.dist.main:
             save_pruned(final, self.out / "model")
             atomic_write(self.out / "summary.csv", lambda p: structure_summary(final).to_csv(p, index=False))
+            if self.pruner is not None:
+                closing = pd.DataFrame(self.pruner.closing_steps())
+                atomic_write(self.out / "closing.csv", lambda p: closing.to_csv(p, index=False))
             atomic_write(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2, allow_nan=False)))
             val = metrics.get("val_acc", math.nan)
             self._log(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 from ..core.files import atomic_write
-from .config import config_from_params
+from .config import STAGE_GROUPS, config_from_params
 from .engine import Trainer
 from .paths import REPORTS, RUNS
 
@@ -15,12 +16,15 @@ REPORT_FILES = (
     ("history.csv", "{}_history.csv"),
     ("gates.csv", "{}_gates.csv"),
     ("budget.csv", "{}_budget.csv"),
+    ("closing.csv", "{}_closing.csv"),
 )
 
 
-def study_run(params: dict, method: str, name: str, overrides: dict | None = None, restart_changed: bool = True) -> dict:
-    """Train or resume `data/runs/<name>` and copy its metrics, history, gate states and budget trajectory
-    to `reports/metrics/<name>*`; returns the metrics. `restart_changed` (the DVC stages): a run whose
+def study_run(
+    params: dict, method: str, name: str, overrides: dict | None = None, restart_changed: bool = True, reports: bool = True
+) -> dict:
+    """Train or resume `data/runs/<name>` and (with `reports`) copy its metrics, history, gate states, closing
+    steps and budget trajectory to `reports/metrics/<name>*`; returns the metrics. `restart_changed` (the DVC stages): a run whose
     params changed starts over. Without it (a notebook run by hand) a finished run is kept as it is and
     shown, never retrained, and an unfinished one written with other params is refused."""
     cfg = config_from_params(params, method, {"out": str(RUNS / name), **(overrides or {})})
@@ -29,7 +33,7 @@ def study_run(params: dict, method: str, name: str, overrides: dict | None = Non
         metrics = run_metrics(name)
     else:
         metrics = Trainer(cfg, restart_on_config_change=restart_changed).run()
-    for source, target in REPORT_FILES:
+    for source, target in REPORT_FILES if reports else ():
         if (RUNS / name / source).is_file():
             atomic_write(REPORTS / "metrics" / target.format(name), lambda p, s=source: shutil.copyfile(RUNS / name / s, p))
     return metrics
@@ -54,3 +58,60 @@ def sweep_overrides(params: dict, ratio: str) -> dict:
 def run_metrics(name: str) -> dict:
     """metrics.json of the study run `name`."""
     return json.loads((RUNS / name / "metrics.json").read_text())
+
+
+def recipe(params: dict, method: str, fraction: float | None = None) -> dict:
+    """The fine-tune recipe ({lr, warmup}: peak rate, warmup as a fraction of the run's steps) the recipe grid
+    picked for `method` (params.yaml `recipes`) at the tuned budget nearest the MACs `fraction` in log (the
+    best rate moves with the budget; None: the mildest). KeyError naming what is missing."""
+    picks = params["recipes"].get(method)
+    if not picks:
+        raise KeyError(
+            f"params.yaml recipes has no {method!r} (its methods: {', '.join(params['recipes'])}); run the recipe grid"
+        )
+    nearest = min(picks, key=lambda pick: abs(math.log(float(pick["macs"]) / (fraction or 1.0))))
+    return {"lr": float(nearest["lr"]), "warmup": float(nearest["warmup"])}
+
+
+def run_overrides(
+    params: dict,
+    method: str,
+    *,
+    teacher: str | None = None,
+    seed: int | None = None,
+    budget: str | None = None,
+    match_run: str | None = None,
+    target_latency: float | None = None,
+    gate_forward: str | None = None,
+    sweep_ratio: str | None = None,
+    lr_warmup: dict | None = None,
+) -> dict:
+    """The config overrides of one study run (the settings `01_train.ipynb` is given): the teacher's folder,
+    seed, HiAP's budget (a key of `budgets`), the HiAP run a baseline is cut to the MACs of (a transplant:
+    whose units it keeps), a latency target, the gate forward, a sweep ratio; and the fine-tune recipe,
+    `lr_warmup` ({lr, warmup}) or else the one the recipe grid picked for the method at the run's budget."""
+    overrides: dict = {"progress": False}
+    if teacher:
+        overrides["teacher"] = str(RUNS / teacher)
+    if seed is not None:
+        overrides["seed"] = int(seed)
+    if budget:
+        overrides["target_macs"] = float(params["budgets"][budget]["target_macs"])
+    if match_run and method == "transplant":
+        overrides["structure"] = str(RUNS / match_run)
+    elif match_run:
+        overrides["target_macs"] = run_metrics(match_run)["macs_fraction"]
+    if target_latency is not None:
+        overrides.update({"hiap.cost": "latency", "hiap.target_latency": float(target_latency)})
+    if gate_forward:
+        overrides["hiap.gate_forward"] = gate_forward
+    if sweep_ratio:
+        overrides.update(sweep_overrides(params, sweep_ratio))
+    if method != "dense":
+        fraction = overrides.get("target_macs") or target_latency
+        if method == "transplant":
+            fraction = run_metrics(match_run)["macs_fraction"]
+        picked = lr_warmup or recipe(params, method, fraction)
+        epochs = overrides.get("optim.epochs", params[STAGE_GROUPS[method]]["epochs"])
+        overrides.update({"optim.lr": float(picked["lr"]), "optim.warmup_epochs": float(picked["warmup"]) * epochs})
+    return overrides

@@ -1,0 +1,80 @@
+"""The gate-evolution explorer: step-resolution runs load, draw, and one change of a control draws once."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import make_vit
+
+import hiap_core
+from hiap_core.report import explorer
+
+pytest.importorskip("ipywidgets")
+
+
+def fake_run(folder, steps_per_epoch: int, epochs: int, gated: bool) -> None:
+    model = hiap_core.extract(hiap_core.gate_vit(make_vit(depth=2).eval()))
+    hiap_core.save_pruned(model, folder / "model")
+    spec, macs = model.spec, hiap_core.count_macs(model)
+    history = pd.DataFrame(
+        {"epoch": range(1, epochs + 1), "val_acc": 0.5, "lr": 1e-4, "steps_per_epoch": steps_per_epoch, "train_loss": 1.0}
+    )
+    metrics = {
+        "method": "hiap" if gated else "uniform",
+        "test_acc": 0.5,
+        "macs": macs,
+        "dense_macs": macs,
+        "macs_fraction": 1.0,
+        "reduction_pct": 0.0,
+        "params": 1,
+        "epochs": epochs,
+        "target_macs": 0.5,
+    }
+    if gated:
+        history = history.assign(tau=1.0, expected_macs=macs, hard_macs=macs)
+        snapshots = [0, 5, 10, 11]
+        gates = [
+            {
+                "step": s,
+                "epoch": s / steps_per_epoch,
+                "layer": layer,
+                "heads": spec.num_heads,
+                "value_dims_total": 8,
+                "neurons": 10,
+            }
+            for s in snapshots
+            for layer in range(2)
+        ]
+        pd.DataFrame(gates).to_csv(folder / "gates.csv", index=False)
+        budget = pd.DataFrame({"step": range(1, 11), "cost_fraction": 0.6, "expected_fraction": 0.6, "penalty_scale": 2.0})
+        budget.to_csv(folder / "budget.csv", index=False)
+        metrics["structure"] = {"search_steps": 10, "settled_step": 9, "settled_fraction": 0.4, "total_steps": 24}
+    history.to_csv(folder / "history.csv", index=False)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    fake_run(tmp_path / "hiap_x", steps_per_epoch=12, epochs=2, gated=True)
+    fake_run(tmp_path / "uniform_x", steps_per_epoch=12, epochs=1, gated=False)
+    monkeypatch.setattr(explorer, "RUNS", tmp_path)
+    return tmp_path
+
+
+def test_runs_load_at_step_resolution(runs):
+    hiap, uniform = explorer.load_run("hiap_x"), explorer.load_run("uniform_x")
+    assert hiap.steps == [0, 5, 10, 11] and hiap.total_steps == 24
+    assert uniform.steps == [0, 12] and uniform.total_steps == 12  # a baseline: its final structure throughout
+    assert explorer.step_structure(hiap, 7).equals(explorer.step_structure(hiap, 5))  # the last snapshot before it
+
+
+def test_one_change_of_a_control_draws_the_output_once(runs):
+    box = explorer.explore("hiap_x", "uniform_x")
+    pick, other, step = box.children[0].children
+    assert box.draws == 1 and step.max == 24
+    pick.value = "uniform_x"  # fewer steps while the slider sits past their end: clamped quietly, drawn once
+    assert box.draws == 2 and step.max == 12 and step.value == 12
+    step.value = 5
+    assert box.draws == 3
+    other.value = "(none)"
+    assert box.draws == 4

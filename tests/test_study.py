@@ -1,0 +1,128 @@
+"""The study's fair-comparison pieces: the structure transplant, the recipe picks, the teacher's weights."""
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import gate_states, gated_copy, make_vit
+from hypothesis import given, settings
+
+import hiap_core
+from hiap_core.core.baselines import transplant
+from hiap_core.train import engine, recipe_grid
+from hiap_core.train.config import ConfigError, config_from_params
+from hiap_core.train.params import read_params
+from hiap_core.train.runs import recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def closing_rows(gated) -> list[dict]:
+    """`Pruner.closing_steps` rows of a hardened gated model: open units -1, closed ones at step 3."""
+    rows = []
+    for layer, state in enumerate(hiap_core.hard_gate_state(gated)):
+        for kind, key in (("head", "heads"), ("value_dim", "values"), ("ffn", "ffn"), ("neuron", "neurons")):
+            flat = state[key].reshape(-1)
+            rows += [{"layer": layer, "kind": kind, "index": i, "closed_step": -1 if bool(v) else 3} for i, v in enumerate(flat)]
+    return rows
+
+
+@settings(max_examples=25, deadline=None)
+@given(state=gate_states(depth=2, heads=3, head_dim=8, hidden=48))
+def test_transplant_keeps_exactly_the_units_of_the_hiap_run(state):
+    dense = make_vit(depth=2, num_heads=3, embed_dim=24).eval()
+    gated = gated_copy(dense)
+    hiap_core.set_gate_state(gated, state)
+    moved = transplant(dense, closing_rows(gated))
+    assert moved.spec == hiap_core.describe(hiap_core.extract(gated))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # the same units of the same weights: the hardened model's outputs
+        torch.testing.assert_close(moved(x), gated.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_transplant_of_a_run_that_is_not_hiap_is_refused_in_one_line(tmp_path):
+    (tmp_path / "uniform_run").mkdir()
+    params = {"baselines": {"epochs": 1}}
+    cfg = config_from_params(params, "transplant", {"teacher": "t", "structure": str(tmp_path / "uniform_run")})
+    with pytest.raises(ConfigError, match="structure = .*closing.csv not found; transplant needs a finished HiAP run"):
+        engine.structure_file(cfg)
+    with pytest.raises(ConfigError, match="structure"):
+        config_from_params(params, "uniform", {"teacher": "t", "target_macs": 0.5, "structure": "x"})
+
+
+def test_a_run_takes_the_recipe_tuned_at_the_budget_nearest_its_own():
+    params = {
+        "recipes": {
+            "hiap": [{"macs": 0.67, "lr": 1e-4, "warmup": 0.0}, {"macs": 0.2, "lr": 1e-3, "warmup": 0.1}],
+            "finetune": [{"macs": 1.0, "lr": 3e-5, "warmup": 0.0}],
+        }
+    }
+    assert recipe(params, "hiap", 0.5) == {"lr": 1e-4, "warmup": 0.0}  # log distance 0.29 vs 0.92
+    assert recipe(params, "hiap", 0.33) == {"lr": 1e-3, "warmup": 0.1}
+    assert recipe(params, "finetune") == {"lr": 3e-5, "warmup": 0.0}
+    with pytest.raises(KeyError, match="recipes has no 'uniform'"):
+        recipe(params, "uniform", 0.5)
+
+
+def test_params_recipes_are_the_committed_grid_picks():
+    """The default pipeline trains with `recipes`: they must be what the grid picked on validation."""
+    table_file = ROOT / "reports" / "tables" / "recipe_grid.csv"
+    if not table_file.is_file():
+        pytest.skip("the recipe grid has not been run (make grid)")
+    table = pd.read_csv(table_file)
+    assert recipe_grid.recipe_mismatches(table, read_params()["recipes"]) == []
+    assert table.groupby(["method", "budget"])["picked"].sum().eq(1).all()  # one pick per method and budget
+
+
+def test_a_tampered_teacher_is_refused(tmp_path):
+    model = hiap_core.extract(hiap_core.gate_vit(make_vit().eval()))
+    folder = hiap_core.save_pruned(model, tmp_path / "dense" / "model")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256 differs"):
+        hiap_core.load_pruned(folder)
+    cfg = config_from_params({"hiap": {"epochs": 1}}, "hiap", {"teacher": str(tmp_path / "dense")})
+    with pytest.raises(ConfigError, match="teacher = .*sha256 differs"):
+        engine.load_teacher(cfg)
+
+
+def test_the_grid_tunes_every_method_the_same_way_and_picks_on_validation(monkeypatch):
+    """Each lr without warmup, then the best with warmup; the pick is the best val_acc, whatever test says;
+    the baselines are cut to HiAP's picked run (the transplant keeps its units)."""
+    calls = []
+
+    def fake_run(params, method, name, overrides, restart_changed=True, reports=True):
+        calls.append((method, name, overrides))
+        lr, warm = overrides["optim.lr"], overrides["optim.warmup_epochs"]
+        val = {"finetune": -abs(lr - 3e-5), "hiap": -abs(lr - 1e-3)}.get(method, -abs(lr - 2e-4)) + (1e-5 if warm else 0)
+        return {"macs_fraction": 0.5, "val_acc": 0.9 + val, "test_acc": 0.9 - val}  # test would pick the other way
+
+    monkeypatch.setattr(recipe_grid, "study_run", fake_run)
+    monkeypatch.setattr("hiap_core.train.runs.run_metrics", lambda name: {"macs_fraction": 0.5})
+    params = read_params()
+    params["recipe_grid"] = {"lr": [3e-5, 2e-4, 1e-3], "warmup": 0.1, "budgets": ["moderate", "harsh"], "seed": 0}
+    table = recipe_grid.run_grid(params)
+    grid_methods = ["hiap", *params["baselines"]["methods"]]
+    assert len(table) == 4 * (1 + 2 * len(grid_methods) + 1)  # l1_ffn at moderate only
+    chosen = recipe_grid.picks(table)
+    assert chosen["finetune"] == [{"macs": 1.0, "lr": 3e-5, "warmup": 0.1}]
+    assert [c["lr"] for c in chosen["hiap"]] == [1e-3, 1e-3] and [c["macs"] for c in chosen["hiap"]] == [0.67, 0.2]
+    assert all(c["lr"] == 2e-4 and c["warmup"] == 0.1 for c in chosen["uniform"])
+    picked_hiap = table[(table["method"] == "hiap") & table["picked"]]["run"].tolist()
+    transplants = [o for m, _, o in calls if m == "transplant"]
+    assert {Path(o["structure"]).name for o in transplants} == set(picked_hiap)
+    assert "recipes.finetune" in recipe_grid.recipe_mismatches(table, {"finetune": [{"macs": 1.0, "lr": 1e-3, "warmup": 0}]})[0]
+
+
+def test_saved_model_files_are_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = hiap_core.save_pruned(hiap_core.extract(hiap_core.gate_vit(make_vit().eval())), tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()}
+    assert modes == {"model.safetensors": 0o644, "architecture.json": 0o644}
