@@ -159,3 +159,34 @@ def test_every_table3_method_fine_tunes_for_the_same_steps_on_the_same_data():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for key in ("epochs", "train_subset", "batch_size"):
         assert params["baselines"][key] == params["hiap"][key], f"baselines.{key} differs from hiap.{key}"
+
+
+# Files under reports/ that no stage writes: made by hand on machines the pipeline does not run on.
+HAND_MADE_REPORTS = {
+    "reports/README.md",  # the results in words
+    "reports/benchmarks/gpu.json",  # `make bench-gpu` on a lent GPU machine
+    "reports/benchmarks/gpu_engine_runs.csv",  # the GPU training-engine runs behind gpu.json
+}
+
+
+def stage_outputs() -> set[str]:
+    """Every output path (files and folders) of the current dvc.yaml's stages."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        return {out.def_path for stage in repo.index.stages for out in stage.outs}
+
+
+def test_every_file_under_reports_is_a_current_stage_output_or_hand_made():
+    outputs = stage_outputs()
+    stale = []
+    for path in sorted((ROOT / "reports").rglob("*")):
+        name = str(path.relative_to(ROOT))
+        if path.is_file() and name not in HAND_MADE_REPORTS and not any(name == o or name.startswith(o + "/") for o in outputs):
+            stale.append(name)
+    assert stale == [], f"no stage writes these (remove them, or name them in HAND_MADE_REPORTS): {stale}"
+
+
+def test_dvc_lock_names_only_current_stages():
+    locked, current = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]), set(stage_definitions())
+    assert locked <= current, f"dvc.lock holds stages dvc.yaml no longer has: {sorted(locked - current)}"

@@ -126,3 +126,41 @@ def test_saved_model_files_are_readable_by_others(tmp_path):
         os.umask(old)
     modes = {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()}
     assert modes == {"model.safetensors": 0o644, "architecture.json": 0o644}
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
+    from hiap_core.core.files import exclusive_lock
+
+    cfg = config_from_params({"dense": {"epochs": 1}}, "dense", {"out": str(tmp_path / "run"), "progress": False})
+    (tmp_path / "run").mkdir()
+    with exclusive_lock(tmp_path / "run" / engine.LOCK_FILE):  # this process stands for the first run
+        with pytest.raises(ConfigError, match=f"in use by another run \\(process {os.getpid()}\\)"):
+            engine.Trainer(cfg).run()
+    with exclusive_lock(tmp_path / "run" / engine.LOCK_FILE):  # released, and a stale lock file is no obstacle
+        pass
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hiap_core.core.files import exclusive_lock
+
+    lock = tmp_path / "x.lock"
+    code = (
+        f"from hiap_core.core.files import exclusive_lock\nwith exclusive_lock({str(lock)!r}):\n    import time; time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code])
+    for _ in range(200):
+        if lock.is_file() and lock.read_text().strip() == str(holder.pid):
+            break
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match=f"held by process {holder.pid}"):
+        with exclusive_lock(lock):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with exclusive_lock(lock):
+        assert lock.read_text() == str(os.getpid())

@@ -160,6 +160,10 @@ def test_budget_exact_run_lands_on_the_target(dense_run, tmp_path):
     budget = metrics["budget"]
     assert budget["cost"] == "macs" and budget["target_fraction"] == target
     assert budget["cost_fraction"] == pytest.approx(metrics["macs_fraction"])
+    assert budget["missed_target"] is False and budget["max_penalty_scale"] >= budget["final_penalty_scale"]
+    assert budget["cost_fraction_before_rounding"] == pytest.approx(
+        budget["expected_fraction_at_freeze"] * (1 + budget["hardened_vs_expected_gap"])
+    )
     trajectory = pd.read_csv(tmp_path / "budget.csv")
     # every optimizer step of the search: hiap.search_fraction 0.5 of 3 epochs x 384/64
     assert list(trajectory["step"]) == list(range(1, 9 + 1))

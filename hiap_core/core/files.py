@@ -1,9 +1,11 @@
-"""Atomic file writes: a reader (or a killed run) never sees half a checkpoint, model or report."""
+"""Atomic file writes (a reader, or a killed run, never sees half a checkpoint, model or report), file hashes,
+and an exclusive lock a process holds on a folder while it writes there."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
-
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +41,32 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(2**20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; `holder` is its pid as it wrote it."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by process {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike):
+    """Hold an exclusive lock on `path` (created if absent, holding the holder's pid) for the block; `LockHeld`
+    if a live process holds it. The OS drops a lock with its process, so a killed holder's is taken over."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LockHeld(path, holder) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        os.close(fd)  # closing drops the lock

@@ -38,7 +38,7 @@ from ..core.budget import InfeasibleBudget
 from ..core.cost import UnitCosts, count_macs, expected_macs, load_cost_table, unit_costs
 from ..core.describe import describe
 from ..core.extract import extract, structure_summary
-from ..core.files import atomic_write
+from ..core.files import LockHeld, atomic_write, exclusive_lock
 from ..core.gated_vit import gate_parameters, gate_vit
 from ..core.losses import kd_loss
 from ..core.pruned import WEIGHTS_FILE, file_sha256, load_pruned, save_pruned
@@ -336,6 +336,7 @@ def _write_reports(out: Path, history: list[dict], gate_rows: list[dict], budget
         atomic_write(out / "budget.csv", lambda p: pd.DataFrame(budget_rows).to_csv(p, index=False))
 
 
+LOCK_FILE = ".run.lock"  # held by the process training into a run folder
 GATE_SNAPSHOT_STEPS = 5  # gates.csv: the hardened structure every this many steps of the search
 
 
@@ -374,6 +375,17 @@ class Trainer:
 
     def run(self) -> dict:
         self._check_out_writable()
+        if not self.dist.main:
+            return self._run()
+        try:
+            with exclusive_lock(self.out / LOCK_FILE):
+                return self._run()
+        except LockHeld as err:
+            raise ConfigError(
+                f"out = {str(self.out)!r} is in use by another run (process {err.holder}): wait for it, or use another --out"
+            ) from err
+
+    def _run(self) -> dict:
         self._prepare()
         start = self._resume()
         finished = self.out / "metrics.json"
@@ -547,6 +559,17 @@ class Trainer:
             sums[k] = sums.get(k, 0.0) + v
         return values["loss"]
 
+    def _check_landed(self, budget: dict) -> None:
+        """A budget-exact run whose rounding could not reach its target within the tolerance says so, loudly,
+        and marks its metrics (`budget.missed_target`): never a silent exit 0 off target."""
+        missed = abs(budget["cost_fraction"] / budget["target_fraction"] - 1) > self.cfg.hiap.budget_tolerance
+        budget["missed_target"] = missed
+        if missed:
+            self._log(
+                f"WARNING [{self.out.name}]: missed its budget: {budget['cost_fraction']:.4f} of dense {budget['unit']} "
+                f"against a target of {budget['target_fraction']:.4f} (tolerance {self.cfg.hiap.budget_tolerance:.2%})"
+            )
+
     def _check_finite(self, terms: dict[str, torch.Tensor], epoch: int, batch: int) -> None:
         if torch.isfinite(terms["loss"].detach()):
             return
@@ -646,6 +669,7 @@ class Trainer:
             metrics["structure"] = self.pruner.summary()
             if self.pruner.rounding:
                 metrics["budget"] = {"cost": cfg.hiap.cost, **self.pruner.rounding}
+                self._check_landed(metrics["budget"])
         if self.dist.main:
             save_pruned(final, self.out / "model")
             atomic_write(self.out / "summary.csv", lambda p: structure_summary(final).to_csv(p, index=False))
