@@ -145,7 +145,7 @@ def test_imagenet_folder_loader_uses_deit_preprocessing(tmp_path):
 def test_augmentation_is_a_padded_crop_with_optional_flip():
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
-    out = data.augment_batch(images, 2, gen)
+    out, _ = data.augment_batch(images, 2, gen)
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for b in range(32):
         crops = [padded[b, :, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]

@@ -164,3 +164,48 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
     holder.wait()
     with exclusive_lock(lock):
         assert lock.read_text() == str(os.getpid())
+
+
+TINY = {
+    "data": {"dataset": "fashion_mnist", "val_size": 128, "train_subset": 256, "test_subset": 128},
+    "model": {"embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+    "dense": {"epochs": 1, "batch_size": 64},
+    "baselines": {"epochs": 1, "batch_size": 64},
+}
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="make data")
+def test_cached_teacher_logits_equal_the_live_teachers_forward(tmp_path):
+    from hiap_core.train import teacher_logits
+
+    engine.train(config_from_params(TINY, "dense", {"out": str(tmp_path / "dense"), "progress": False}))
+    cfg = config_from_params(
+        TINY, "finetune", {"teacher": str(tmp_path / "dense"), "out": str(tmp_path / "ft"), "progress": False}
+    )
+    teacher_logits.compute(cfg, tmp_path / "logits")
+    cached = teacher_logits.load(
+        config_from_params(TINY, "finetune", {"teacher": str(tmp_path / "dense"), "teacher_logits": str(tmp_path / "logits")}),
+        engine.teacher_fingerprint(cfg),
+    )
+    loader = engine.build_loaders(cfg.data, 28, 64, seed=0).train
+    loader.views = True
+    teacher = engine.load_teacher(cfg)
+    for x, _, views in loader:  # flips included (data.augment: flip)
+        with torch.no_grad():
+            torch.testing.assert_close(cached[views], teacher(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="another teacher's weights"):
+        teacher_logits.load(cfg.__class__(**{**cfg.__dict__, "teacher_logits": str(tmp_path / "logits")}), "0" * 64)
+    live = engine.train(cfg)
+    fast = engine.train(
+        config_from_params(
+            TINY,
+            "finetune",
+            {
+                "teacher": str(tmp_path / "dense"),
+                "teacher_logits": str(tmp_path / "logits"),
+                "out": str(tmp_path / "ft2"),
+                "progress": False,
+            },
+        )
+    )
+    assert fast["test_acc"] == pytest.approx(live["test_acc"], abs=0.01)  # the same training up to float rounding

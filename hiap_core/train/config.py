@@ -106,6 +106,7 @@ class RunConfig:
     out: str = "runs/dense"
     seed: int = 0
     teacher: str | None = None  # folder written by the dense run (its `model/`), for hiap and baselines
+    teacher_logits: str | None = None  # the teacher's cached logits (hiap_core.train.teacher_logits); None: run it live
     target_macs: float | None = None  # fraction of dense MACs (<= 1) or MACs (> 1): baselines cut to it; HiAP
     # with it set runs in budget-exact mode (lambda ratio kept, scale adapted); None: plain lambda mode
     structure: str | None = None  # transplant: the HiAP run folder whose kept units (its closing.csv) it trains
@@ -284,6 +285,8 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.method in ("uniform", "l1_ffn", "torch_pruning"):
         if cfg.target_macs is None or not 0 < cfg.target_macs < 1:
             _fail("target_macs", cfg.target_macs, f"must be in (0, 1) for method {cfg.method}")
+    if cfg.method == "dense" and cfg.teacher_logits is not None:
+        _fail("teacher_logits", cfg.teacher_logits, "the dense teacher distils from nobody: leave it null")
     if (cfg.method == "transplant") != (cfg.structure is not None):
         _fail("structure", cfg.structure, "a HiAP run folder for method transplant, and only for it")
     if cfg.method != "dense" and cfg.teacher is None and cfg.model.pretrained is None:
@@ -334,7 +337,7 @@ def read_by(method: str, field: str) -> bool:
 
 
 _STAGE_DATA_KEYS = ("train_subset", "augment")  # a stage may train on a subset of the shared data
-_RUN_KEYS = ("seed", "teacher", "target_macs", "progress", "out")
+_RUN_KEYS = ("seed", "teacher", "teacher_logits", "target_macs", "progress", "out")
 _STAGE_KEYS = (*_names(OptimConfig), *_names(HiAPConfig), *_STAGE_DATA_KEYS, *_RUN_KEYS)
 
 

@@ -232,9 +232,9 @@ def load_cifar10(split: str, root: str | None = None, download: bool = True, md5
     return ArrayDataset(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64), 10)
 
 
-def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crop with zero padding (none at `padding` 0) and horizontal flip, per sample, on a uint8
-    batch (B, C, H, W)."""
+    batch (B, C, H, W); returns the batch and which samples were flipped."""
     B, C, H, W = images.shape
     padded = F.pad(images, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (B, 1), generator=generator)
@@ -244,7 +244,7 @@ def augment_batch(images: torch.Tensor, padding: int, generator: torch.Generator
     flip = torch.rand(B, generator=generator) < 0.5
     cols = torch.where(flip[:, None, None], 2 * dx[:, :, None] + W - 1 - cols, cols)
     batch_index = torch.arange(B)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2)
+    return padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2), flip
 
 
 class TensorLoader:
@@ -253,7 +253,9 @@ class TensorLoader:
     Training: reshuffled each epoch, last incomplete batch dropped, each of `world` ranks gets its
     contiguous slice of every global batch. Evaluation: in order, ranks take interleaved samples.
     `pin_memory` (for a CUDA device): batches in page-locked memory, so `.to(device, non_blocking=True)`
-    copies while the host goes on.
+    copies while the host goes on. `views` (training, set by the engine when it reads cached teacher
+    logits): each batch carries a third tensor, the view of every sample, `2 * id + flipped` (`id`: its
+    index in its split's file), which only flips (or nothing) make exact.
     """
 
     def __init__(
@@ -279,7 +281,7 @@ class TensorLoader:
             )
         self.data, self.batch_size, self.train, self.seed = data, batch_size, train, seed
         self.augment, self.padding, self.rank, self.world = augment != "none", padding, rank, world
-        self.pin_memory = pin_memory
+        self.pin_memory, self.views = pin_memory, False
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.epoch = 0
@@ -308,12 +310,13 @@ class TensorLoader:
         local = self.batch_size // self.world
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            images = self.data.images[idx]
+            images, flipped = self.data.images[idx], torch.zeros(len(idx), dtype=torch.bool)
             if self.augment:
                 gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + b)
-                images = augment_batch(images, self.padding, gen)
+                images, flipped = augment_batch(images, self.padding, gen)
             mine = slice(self.rank * local, (self.rank + 1) * local)
-            yield self._batch(images[mine], self.data.labels[idx][mine])
+            batch = self._batch(images[mine], self.data.labels[idx][mine])
+            yield (*batch, (2 * self.data.ids[idx] + flipped)[mine]) if self.views else batch
 
 
 class ImageFolderLoader:

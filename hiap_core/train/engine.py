@@ -44,6 +44,7 @@ from ..core.losses import kd_loss
 from ..core.pruned import WEIGHTS_FILE, file_sha256, load_pruned, save_pruned
 from ..core.pruner import Pruner, param_groups
 from .config import ConfigError, RunConfig, read_by
+from . import teacher_logits
 from .data import build_loaders
 
 
@@ -259,14 +260,17 @@ def step_loss(
     teacher: nn.Module | None = None,
     pruner: Pruner | None = None,
     amp_dtype: torch.dtype | None = None,
+    cached: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss of one batch under `loss`, with its terms: cross-entropy without a teacher (dense), KD from
     the teacher (baselines), KD plus HiAP's penalties with a pruner. The student and teacher forwards run
     under autocast to `amp_dtype`; the losses and penalties outside it, in fp32 (a bf16 KL of two close
-    distributions, or a penalty summed over thousands of gates, would lose the small differences that train)."""
+    distributions, or a penalty summed over thousands of gates, would lose the small differences that train).
+    `cached`: the teacher's logits of this batch, read from its cache instead of a teacher forward."""
     with autocast(amp_dtype, x.device):
         logits = net(x)
-        if teacher is not None:
+        teacher_logits = cached
+        if teacher is not None and cached is None:
             with torch.no_grad():
                 teacher_logits = teacher(x)
     logits = logits.float()
@@ -316,15 +320,20 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Fields that change how a run computes, not what: where it writes, its progress bars, whether the teacher's
+# logits come from their cache (equal to the live forward; the teacher's own weights are fingerprinted)
+HOW_FIELDS = ("out", "progress", "teacher_logits")
+
+
 def changed_fields(saved: dict, now: dict) -> list[str]:
     """The fields (`optim.lr`, ...) whose value differs between a checkpoint's config and this run's, except
-    where the run writes (`out`), its progress bars and the fields its method does not read (a dense run is
+    `HOW_FIELDS` and the fields its method does not read (a dense run is
     the same run whatever `hiap.lambda_macro` says, as its DVC stage, which does not track `hiap`, agrees). A
     field of `FIELDS_DEFAULT_WHEN_ABSENT` that the checkpoint lacks counts as its default."""
     method, saved, now, defaults = now["method"], _flat(saved), _flat(now), _flat(RunConfig().to_dict())
     saved = {**{k: defaults[k] for k in FIELDS_DEFAULT_WHEN_ABSENT if k not in saved}, **saved}
     return sorted(
-        k for k in now.keys() | saved.keys() if k not in ("out", "progress") and read_by(method, k) and saved.get(k) != now.get(k)
+        k for k in now.keys() | saved.keys() if k not in HOW_FIELDS and read_by(method, k) and saved.get(k) != now.get(k)
     )
 
 
@@ -433,6 +442,12 @@ class Trainer:
                 f"{self.loaders.num_classes} classes"
             )
         self.teacher = None if cfg.method == "dense" else load_teacher(cfg).to(dist.device).eval()
+        self.cached_logits = None
+        if cfg.teacher_logits is not None:
+            if not hasattr(self.loaders.train, "views"):
+                raise ConfigError("invalid config: teacher_logits: cached logits need an in-memory dataset, not imagenet")
+            self.cached_logits = teacher_logits.load(cfg, teacher_fingerprint(cfg))
+            self.loaders.train.views = True
         self.steps_per_epoch = len(self.loaders.train)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
@@ -521,14 +536,18 @@ class Trainer:
         sums: dict[str, float] = {}
         desc = f"{cfg.method} epoch {epoch + 1}/{cfg.optim.epochs}"
         with tqdm(self.loaders.train, desc=desc, disable=not self.show, leave=False) as batches:  # closed on errors too
-            for i, (x, y) in enumerate(batches):
-                loss = self._train_step(epoch, i, x, y, sums)
+            for i, (x, y, *views) in enumerate(batches):
+                cached = self.cached_logits[views[0]] if views else None
+                loss = self._train_step(epoch, i, x, y, sums, cached)
                 if self.show:
                     batches.set_postfix(loss=f"{loss:.3f}")
         return sums, time.perf_counter() - start
 
-    def _train_step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor, sums: dict[str, float]) -> float:
-        """One optimiser step on batch `i` of `epoch`; adds its loss terms to `sums`, returns the loss."""
+    def _train_step(
+        self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor, sums: dict[str, float], cached: torch.Tensor | None = None
+    ) -> float:
+        """One optimiser step on batch `i` of `epoch` (`cached`: its teacher logits); adds its loss terms to
+        `sums`, returns the loss."""
         cfg, pruner = self.cfg, self.pruner
         step = epoch * self.steps_per_epoch + i
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # gate noise and dropout: same on every rank, resumable
@@ -538,7 +557,9 @@ class Trainer:
         if pruner is not None:
             pruner.set_step(step)  # rounds and freezes the gates at the end of the search
         x, y = x.to(self.dist.device, non_blocking=True), y.to(self.dist.device, non_blocking=True)
-        terms = step_loss(self.net, x, y, cfg, self.teacher, pruner, self.amp_dtype)
+        if cached is not None:
+            cached = cached.to(self.dist.device, non_blocking=True)
+        terms = step_loss(self.net, x, y, cfg, self.teacher, pruner, self.amp_dtype, cached)
         self._check_finite(terms, epoch, i)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()

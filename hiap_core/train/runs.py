@@ -86,13 +86,14 @@ def run_overrides(
     sweep_ratio: str | None = None,
     lr_warmup: dict | None = None,
 ) -> dict:
-    """The config overrides of one study run (the settings `01_train.ipynb` is given): the teacher's folder,
-    seed, HiAP's budget (a key of `budgets`), the HiAP run a baseline is cut to the MACs of (a transplant:
-    whose units it keeps), a latency target, the gate forward, a sweep ratio; and the fine-tune recipe,
-    `lr_warmup` ({lr, warmup}) or else the one the recipe grid picked for the method at the run's budget."""
+    """The config overrides of one study run (the settings `01_train.ipynb` is given): the teacher's folder
+    (and its cached logits), seed, HiAP's budget (a key of `budgets`), the HiAP run a baseline is cut to the
+    MACs of (a transplant: whose units it keeps), a latency target, the gate forward, a sweep ratio; and the
+    fine-tune recipe, `lr_warmup` ({lr, warmup}) or else the one the recipe grid picked for the method at
+    the run's budget."""
     overrides: dict = {"progress": False}
-    if teacher:
-        overrides["teacher"] = str(RUNS / teacher)
+    if teacher:  # and its logits, cached once for every fine-tune (the teacher_logits stage)
+        overrides.update(teacher=str(RUNS / teacher), teacher_logits=str(RUNS / f"{teacher}_logits"))
     if seed is not None:
         overrides["seed"] = int(seed)
     if budget:
