@@ -263,3 +263,8 @@ def test_latency_cost_table_must_match_the_architecture(tmp_path):
         hiap_core.load_cost_table(path, hiap_core.describe(make_vit(depth=3)))
     with pytest.raises(FileNotFoundError, match="hiap_core.measure.cost_table"):
         hiap_core.load_cost_table(tmp_path / "missing.json", spec)
+
+
+def test_the_proportional_term_is_bounded_so_a_far_target_does_not_blow_the_scale_up():
+    controller = BudgetController(target=0.2, lr=0.1, gain=2.0)
+    assert controller.update(1.0) <= math.exp(0.1 * 4.0 + 2.0)  # 400% over: the P term counts 100%

@@ -106,8 +106,8 @@ def test_the_grid_tunes_every_method_the_same_way_and_picks_on_validation(monkey
     params = read_params()
     params["recipe_grid"] = {"lr": [3e-5, 2e-4, 1e-3], "warmup": 0.1, "budgets": ["moderate", "harsh"], "seed": 0}
     table = recipe_grid.run_grid(params)
-    grid_methods = ["hiap", *params["baselines"]["methods"]]
-    assert len(table) == 4 * (1 + 2 * len(grid_methods) + 1)  # l1_ffn at moderate only
+    base = params["baselines"]
+    assert len(table) == 4 * (1 + 2 * (1 + len(base["methods"])) + len(base["floor_methods"]))  # floor methods: moderate
     chosen = recipe_grid.picks(table)
     assert chosen["finetune"] == [{"macs": 1.0, "lr": 3e-5, "warmup": 0.1}]
     assert [c["lr"] for c in chosen["hiap"]] == [1e-3, 1e-3] and [c["macs"] for c in chosen["hiap"]] == [0.67, 0.2]

@@ -623,3 +623,18 @@ def test_a_student_of_a_retrained_teacher_is_another_run(dense_run, tmp_path, ca
     capsys.readouterr()
     trainer.run()
     assert "another config (teacher's weights): starting over" in capsys.readouterr().out
+
+
+@needs_fashion
+def test_the_gates_search_from_the_first_step_under_a_weight_warmup(dense_run, tmp_path):
+    """A warmup of the weights' rate does not hold the gates: at a harsh budget their warmed-up rate froze
+    the logits while the controller, seeing no cost move, wound the penalty scale up to 22,000 (10% accuracy)."""
+    cfg = tiny_cfg("hiap", tmp_path, teacher=str(dense_run[0]), target_macs=0.3, **{"optim.warmup_epochs": 1.0})
+    trainer = engine.Trainer(cfg)
+    trainer._prepare()
+    trainer.net = trainer.model
+    x, y = next(iter(trainer.loaders.train))
+    trainer._train_step(0, 0, x, y, {})
+    rates = {bool(g.get("gates")): g["lr"] for g in trainer.optimizer.param_groups}
+    assert rates[True] == pytest.approx(cfg.optim.gate_lr)  # step 0 of the cosine: the full rate
+    assert rates[False] == pytest.approx(cfg.optim.lr / trainer.warmup)  # the weights warm up

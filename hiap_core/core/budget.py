@@ -58,7 +58,10 @@ class BudgetController:
 
     @property
     def scale(self) -> float:
-        return math.exp(min(max(self.log_scale + self.gain * self.overshoot, -self.MAX_LOG_SCALE), self.MAX_LOG_SCALE))
+        # the proportional term sees at most a 100% overshoot: a cost 5x its target (a harsh budget at the
+        # first step) would otherwise multiply the scale by e^(gain * 4) before any gate could move
+        proportional = self.gain * min(max(self.overshoot, -1.0), 1.0)
+        return math.exp(min(max(self.log_scale + proportional, -self.MAX_LOG_SCALE), self.MAX_LOG_SCALE))
 
     def steps_to_deadline(self, steps_done: int, search_steps: int) -> int:
         """How far ahead the projection looks after `steps_done` of `search_steps`: to the deadline, then 0."""

@@ -38,7 +38,7 @@ from .pruned import PrunedViT
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr: float | None = None) -> list[dict]:
     """Optimizer groups: weight decay on matrices only (not norms, biases, embeddings or tokens); gate
-    logits in their own group at `gate_lr` without decay."""
+    logits in their own group (`"gates": True`) at `gate_lr` without decay."""
     gates = {id(p) for p in gate_parameters(model)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -50,7 +50,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr: floa
     if gates:
         if gate_lr is None:
             raise ValueError("the model is gated: param_groups needs gate_lr, the learning rate of the gate logits")
-        groups.append({"params": gate_parameters(model), "weight_decay": 0.0, "lr": gate_lr})
+        groups.append({"params": gate_parameters(model), "weight_decay": 0.0, "lr": gate_lr, "gates": True})
     return groups
 
 

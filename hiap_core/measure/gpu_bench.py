@@ -224,8 +224,12 @@ def paper_runs(params: dict) -> dict:
         "dense": shape(1, "dense"),
         # Table 3's HiAP runs, the gate-forward ablation (every seed) and the latency-targeted run
         "hiap": shape(budgets * seeds + seeds + 1, "hiap"),
-        # every baseline at every budget and seed, l1_ffn at its budgets, and the unpruned fine-tuning control
-        "baselines": shape((len(baselines["methods"]) * budgets + len(baselines["l1_ffn_budgets"])) * seeds + seeds, "finetune"),
+        # every baseline at every budget and seed, the floor methods at theirs, and the unpruned fine-tuning control
+        "baselines": shape(
+            (len(baselines["methods"]) * budgets + len(baselines["floor_methods"]) * len(baselines["floor_budgets"])) * seeds
+            + seeds,
+            "finetune",
+        ),
         "sweep": shape(len(ratios), "hiap", sweep_overrides(params, next(iter(ratios)))),
     }
 

@@ -352,7 +352,7 @@ PARAMS_SCHEMA = {
     "model": _leaves(*_names(ModelConfig)),
     "dense": _leaves(*_STAGE_KEYS),
     "hiap": _leaves(*_STAGE_KEYS),
-    "baselines": _leaves(*_STAGE_KEYS, "methods", "l1_ffn_budgets"),
+    "baselines": _leaves(*_STAGE_KEYS, "methods", "floor_methods", "floor_budgets"),
     "seeds": None,
     "budgets": {"*": _leaves("target_macs")},
     "recipe_grid": _leaves("lr", "warmup", "budgets", "seed"),
@@ -494,7 +494,13 @@ def config_from_params(params: dict | str | Path, method: str, overrides: dict |
     flat = {}
     for section in ("data", "model"):
         flat.update({f"{section}.{k}": v for k, v in (params.get(section) or {}).items()})
-    flat.update({_stage_field(k): v for k, v in (params.get(stage) or {}).items() if k not in ("methods", "l1_ffn_budgets")})
+    flat.update(
+        {
+            _stage_field(k): v
+            for k, v in (params.get(stage) or {}).items()
+            if k not in ("methods", "floor_methods", "floor_budgets")
+        }
+    )
     if stage != "hiap":  # KD settings are shared by every distilled run
         flat.update({f"hiap.{k}": v for k, v in (params.get("hiap") or {}).items() if k in KD_KEYS})
     apply_overrides(cfg, flat)

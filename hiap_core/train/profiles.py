@@ -41,7 +41,13 @@ PROFILES = {
         "seeds": [0, 1],
         # Torch-Pruning's steps on this 48-wide model are about 1% of MACs, too coarse to land within 0.5% of
         # every HiAP run: tests/test_torch_pruning.py covers it; the default study runs it.
-        "baselines": {"epochs": 2, "batch_size": 64, "train_subset": 256, "methods": ["uniform", "transplant"]},
+        "baselines": {
+            "epochs": 2,
+            "batch_size": 64,
+            "train_subset": 256,
+            "methods": ["uniform", "transplant"],
+            "floor_methods": ["l1_ffn"],
+        },
         "sweep": {"epochs": 1, "train_subset": 128},
         "latency": {"batch1_runs": 3, "batch64_runs": 2, "versus_runs": 2},
         "cost_table": {"fit_models": 8, "eval_models": 3, "runs": 2},

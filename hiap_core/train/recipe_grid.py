@@ -71,9 +71,9 @@ def run_grid(params: dict) -> pd.DataFrame:
 
 
 def grid_baselines(params: dict, budget: str) -> list[str]:
-    """The baselines tuned at `budget`: `baselines.methods`, and l1_ffn where it runs (it cannot cut attention)."""
-    methods = list(params["baselines"]["methods"])
-    return methods + (["l1_ffn"] if budget in params["baselines"]["l1_ffn_budgets"] else [])
+    """The baselines tuned at `budget`: `baselines.methods`, and `floor_methods` where they can reach it."""
+    base = params["baselines"]
+    return list(base["methods"]) + (list(base["floor_methods"]) if budget in base["floor_budgets"] else [])
 
 
 def picks(table: pd.DataFrame) -> dict:
