@@ -37,6 +37,7 @@ lint: venv
 
 # DVC stages call papermill and python: the venv's bin comes first on PATH.
 repro: venv data
+	$(PY) -m hiap_core.train.params params.yaml
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 # The fine-tune recipe grid (a frozen stage, about 40 fine-tunes): then copy its picks into params.yaml `recipes`.

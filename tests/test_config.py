@@ -1,6 +1,8 @@
 """Configuration: one schema for params.yaml, one source of defaults, one-line errors for every bad input."""
 
+import copy
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,9 @@ from hiap_core.train.config import (
     ModelConfig,
     OptimConfig,
     RunConfig,
+    check_params,
     config_from_params,
+    load_params,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,3 +161,26 @@ def test_measuring_commands_report_a_malformed_params_file_in_one_line(module, t
     run = subprocess.run([sys.executable, "-m", module, "--params", str(params)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
     assert run.stderr.startswith("error: ") and "params.yaml:" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda p: p.update(seeds=[]), "seeds"),
+        (lambda p: p.update(seeds=[0, 0]), "seeds"),
+        (lambda p: p.update(seeds="abc"), "seeds"),
+        (lambda p: p.update(budgets={}), "budgets"),
+        (lambda p: p["budgets"].update(light={"target_macs": 1.5}), "budgets"),
+        (lambda p: p["ablation"].update(budget="moderat"), "ablation.budget"),
+        (lambda p: p["recipe_grid"].update(lr=[]), "recipe_grid.lr"),
+        (lambda p: p["recipe_grid"].update(lr=[-1e-4]), "recipe_grid.lr"),
+        (lambda p: p["recipe_grid"].update(budgets=["nowhere"]), "recipe_grid.budgets"),
+        (lambda p: p["baselines"].update(floor_budgets=["nowhere"]), "baselines.floor_budgets"),
+        (lambda p: p["recipes"].update(hiap=[{"macs": 0.5, "lr": 0.0, "warmup": 0.0}]), "recipes.hiap"),
+    ],
+)
+def test_the_study_groups_are_checked_before_any_stage_runs(edit, field):
+    params = copy.deepcopy(load_params(ROOT / "params.yaml"))
+    edit(params)
+    with pytest.raises(ConfigError, match=f"invalid params: {re.escape(field)}:"):
+        check_params(params)

@@ -140,3 +140,20 @@ def test_invalid_gate_forward_and_search_fraction_are_refused():
         hiap_core.Pruner(make_vit(), total_steps=5, gate_forward="fuzzy")
     with pytest.raises(ValueError, match="search_fraction"):
         hiap_core.Pruner(make_vit(), total_steps=5, search_fraction=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"lambda_macro": -1.0}, "lambda_macro"),
+        ({"lambda_micro": float("nan")}, "lambda_micro"),
+        ({"min_heads": 7}, "min_heads"),
+        ({"init_logit": -3.0}, "init_logit"),
+        ({"total_steps": float("nan")}, "total_steps"),
+        ({"target": "0.5"}, "target"),
+    ],
+)
+def test_the_pruner_refuses_values_outside_their_sense_in_one_line(kwargs, field):
+    arguments = {"total_steps": 10, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=field if field != "target" else "target"):
+        hiap_core.Pruner(make_vit(), **arguments)

@@ -1,4 +1,5 @@
 import json
+import re
 import math
 import os
 import signal
@@ -638,3 +639,18 @@ def test_the_gates_search_from_the_first_step_under_a_weight_warmup(dense_run, t
     rates = {bool(g.get("gates")): g["lr"] for g in trainer.optimizer.param_groups}
     assert rates[True] == pytest.approx(cfg.optim.gate_lr)  # step 0 of the cosine: the full rate
     assert rates[False] == pytest.approx(cfg.optim.lr / trainer.warmup)  # the weights warm up
+
+
+@pytest.mark.parametrize(("override", "field"), [("hiap.init_logit=-3", "hiap.init_logit"), ("seed=1e30", "seed")])
+def test_values_outside_their_sense_are_refused_in_one_line(override, field):
+    with pytest.raises(ConfigError, match=f"invalid config: {re.escape(field)} ="):
+        config_from_params(TINY, "hiap", ["teacher=t", override])
+
+
+def test_a_named_timm_vit_gets_the_datasets_channels():
+    cfg = config_from_params(
+        {**TINY, "model": {"name": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10}},
+        "dense",
+    )
+    model = engine.build_dense_model(cfg)
+    assert model.patch_embed.proj.in_channels == 1

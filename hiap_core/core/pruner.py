@@ -14,6 +14,8 @@ hardening with extraction at the end (hiap_core/DESIGN.md, "Pruner"). The traini
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -93,6 +95,21 @@ class Pruner:
         search_fraction: float = 0.5,
         gate_forward: str = "hard",
     ):
+        numbers = {
+            "lambda_macro": lambda_macro,
+            "lambda_micro": lambda_micro,
+            "lambda_feas": lambda_feas,
+            "init_logit": init_logit,
+        }
+        numbers.update(min_heads=min_heads, min_value_fraction=min_value_fraction, min_neuron_fraction=min_neuron_fraction)
+        for name, value in {**numbers, "total_steps": total_steps, "tau0": tau0, "tau_min": tau_min}.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name, value in numbers.items():
+            if value < 0 or (name == "init_logit" and value == 0):
+                raise ValueError(
+                    f"{name} must be {'> 0 (every gate starts open)' if name == 'init_logit' else '>= 0'}, got {value}"
+                )
         if int(total_steps) != total_steps or total_steps < 1:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps}")
         if not 0 < search_fraction <= 1:
@@ -103,6 +120,9 @@ class Pruner:
         self.search_steps = max(1, round(search_fraction * self.total_steps))  # the gates freeze after these
         temperature_at(0, self.search_steps, tau0, tau_min)  # checks the schedule before any work
         self.model = model if is_gated(model) else gate_vit(model, init_logit=init_logit, tau=tau0)
+        heads = describe(self.model).num_heads
+        if min_heads > heads:
+            raise ValueError(f"min_heads = {min_heads} is more than the model's {heads} heads per layer")
         set_gate_forward(self.model, gate_forward)
         self._gates = gates(self.model)  # walked every step: found once
         self.tau0, self.tau_min = tau0, tau_min
@@ -114,6 +134,8 @@ class Pruner:
         self.dense_prunable = self.dense_cost - self.costs.static
         self.budget, self.budget_rows, self.tolerance, self.rounding = None, [], budget_tolerance, {}
         if target is not None:
+            if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
+                raise ValueError(f"target must be a finite number (a fraction of the dense cost, or a cost), got {target!r}")
             fraction = target_fraction(target, spec, self.costs, min_heads, min_value_fraction, lambda_macro, lambda_micro)
             self.budget = BudgetController(fraction, budget_lr, budget_deadline, budget_gain)
         self.tau = tau0

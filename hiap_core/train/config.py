@@ -224,6 +224,8 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("optim.grad_clip", cfg.optim.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
         ("optim.gate_lr", cfg.optim.gate_lr > 0, "must be > 0"),
         ("optim.amp", cfg.optim.amp in AMP_MODES, f"must be one of {', '.join(AMP_MODES)}"),
+        ("seed", 0 <= cfg.seed < 2**31, "must be in [0, 2**31)"),
+        ("hiap.init_logit", cfg.hiap.init_logit > 0, "must be > 0: every gate starts open (a negative one closes every unit)"),
         ("hiap.lambda_macro", cfg.hiap.lambda_macro >= 0, "must be >= 0"),
         ("hiap.lambda_micro", cfg.hiap.lambda_micro >= 0, "must be >= 0"),
         ("hiap.lambda_feas", cfg.hiap.lambda_feas >= 0, "must be >= 0"),
@@ -393,6 +395,84 @@ def check_params(params, schema: dict = PARAMS_SCHEMA, prefix: str = "") -> None
         inner = schema.get(key, schema.get("*"))
         if inner is not None and value is not None:
             check_params(value, inner, f"{prefix}{key}.")
+    if not prefix:
+        for name, check, rule in _study_rules(params):
+            try:
+                ok = check()
+            except (TypeError, KeyError, AttributeError):
+                ok = False
+            if not ok:
+                raise ConfigError(f"invalid params: {name}: {rule}")
+
+
+def _number_list(value, low: float, high: float) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v < high for v in value)
+    )
+
+
+def _study_rules(params: dict) -> list[tuple[str, Callable[[], bool], str]]:
+    """(key, check, rule) for the study's groups that cross-reference each other, where present: a pipeline
+    built on an empty or dangling one would fail inside a stage, after the upstream stages ran. A check
+    that cannot even read its value (a list where a mapping belongs) fails."""
+    budgets, seeds = params.get("budgets"), params.get("seeds")
+    names = set(budgets) if isinstance(budgets, dict) else set()
+    known = f"must name budgets of `budgets` ({', '.join(sorted(names))})"
+    grid = params.get("recipe_grid") or {}
+    base, ablation = params.get("baselines") or {}, params.get("ablation") or {}
+
+    def distinct_seeds() -> bool:
+        return (
+            bool(seeds)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)
+            and len(set(seeds)) == len(seeds)
+        )
+
+    def picks_ok(picks) -> bool:
+        return bool(picks) and all(
+            set(p) == {"macs", "lr", "warmup"}
+            and _number_list([p["lr"]], 1e-12, float("inf"))
+            and _number_list([p["warmup"]], 0.0, 1.0)
+            and _number_list([p["macs"]], 1e-9, 1.0 + 1e-9)
+            for p in picks
+        )
+
+    rules = []
+    if "seeds" in params:
+        rules.append(("seeds", distinct_seeds, "must be a non-empty list of distinct integers >= 0"))
+    if "budgets" in params:
+        rules.append(
+            (
+                "budgets",
+                lambda: bool(budgets) and _number_list([b["target_macs"] for b in budgets.values()], 1e-9, 1.0),
+                "must name at least one budget, each with target_macs in (0, 1)",
+            )
+        )
+    if grid:
+        rules += [
+            (
+                "recipe_grid.lr",
+                lambda: _number_list(grid["lr"], 1e-12, float("inf")),
+                "must be a non-empty list of learning rates > 0",
+            ),
+            ("recipe_grid.warmup", lambda: _number_list([grid["warmup"]], 0.0, 1.0), "must be a fraction of the steps in [0, 1)"),
+            ("recipe_grid.budgets", lambda: bool(grid["budgets"]) and set(grid["budgets"]) <= names, known),
+        ]
+    if "floor_budgets" in base:
+        rules.append(("baselines.floor_budgets", lambda: set(base["floor_budgets"]) <= names, known))
+    if "budget" in ablation:
+        rules.append(("ablation.budget", lambda: ablation["budget"] in names, known))
+    for method, picks in (params.get("recipes") or {}).items():
+        rules.append(
+            (
+                f"recipes.{method}",
+                lambda picks=picks: picks_ok(picks),
+                "must be a list of {macs, lr, warmup}: macs in (0, 1], lr > 0, warmup in [0, 1)",
+            )
+        )
+    return rules
 
 
 def _stage_field(key: str) -> str:

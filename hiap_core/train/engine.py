@@ -140,7 +140,12 @@ def build_dense_model(cfg: RunConfig) -> nn.Module:
         hub = m.pretrained == "hub"
         try:
             model = timm.create_model(
-                m.name, pretrained=hub, num_classes=m.num_classes, drop_path_rate=m.drop_path, img_size=m.img_size
+                m.name,
+                pretrained=hub,
+                num_classes=m.num_classes,
+                drop_path_rate=m.drop_path,
+                img_size=m.img_size,
+                in_chans=m.in_chans,
             )
         except Exception as err:
             if not hub:

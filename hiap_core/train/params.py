@@ -27,3 +27,23 @@ def study_params(path: Path = PARAMS, **groups) -> tuple:
     if unknown:
         raise KeyError(f"{path} has no {', '.join(unknown)} (its keys: {', '.join(params)})")
     return tuple(params[name] if value is None else value for name, value in groups.items())
+
+
+def main() -> None:
+    """`python -m hiap_core.train.params [FILE]`: check a params file (keys and the study's cross-references)
+    in one line, before `dvc repro` builds a pipeline on it."""
+    import sys
+
+    from .config import check_params, cli
+
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else PARAMS
+
+    def check() -> None:
+        check_params(load_params(path))
+        print(f"{path}: ok")
+
+    raise SystemExit(cli(check))
+
+
+if __name__ == "__main__":
+    main()
