@@ -82,8 +82,9 @@ def extract(gated: nn.Module) -> PrunedViT:
 
 
 def structure_summary(model: nn.Module | ViTSpec):
-    """Per layer: live heads, value dims per head, FFN on/off, live neurons, MACs (with and without the
-    attention matmuls) and params; a last row `total` adds the static parts (patch embedding, head).
+    """Per layer: live heads (`head_ids`, ascending), value dims per head (in that order, as
+    `architecture_plot` draws them), FFN on/off, live neurons, MACs (with and without the attention
+    matmuls) and params; a last row `total` adds the static parts (patch embedding, head).
     A pandas DataFrame: pandas is imported here, so importing the core stays free of it."""
     import pandas as pd
 
@@ -93,11 +94,13 @@ def structure_summary(model: nn.Module | ViTSpec):
     rows = []
     for i, layer in enumerate(spec.layers):
         heads, dims, hidden = len(layer.heads), sum(layer.value_dims), layer.mlp_hidden or 0
+        by_head = sorted(zip(layer.heads, layer.value_dims))
         rows.append(
             {
                 "layer": str(i),
                 "heads": heads,
-                "value_dims": list(layer.value_dims),
+                "head_ids": [h for h, _ in by_head],
+                "value_dims": [w for _, w in by_head],
                 "value_dims_total": dims,
                 "ffn_on": layer.mlp_hidden is not None,
                 "neurons": hidden,
@@ -110,7 +113,8 @@ def structure_summary(model: nn.Module | ViTSpec):
     total = {
         "layer": "total",
         "heads": int(table["heads"].sum()),
-        "value_dims": [],
+        "head_ids": "",
+        "value_dims": "",
         "value_dims_total": int(table["value_dims_total"].sum()),
         "ffn_on": int(table["ffn_on"].sum()),
         "neurons": int(table["neurons"].sum()),

@@ -106,7 +106,8 @@ def temperature_plot(tau0: float, tau_min: float, history: pd.DataFrame, search_
     schedule = [temperature_at(s, search_steps, tau0, tau_min) for s in steps]
     ax.plot([s / steps_per_epoch for s in steps], schedule, label="schedule")
     ax.axvline(search_steps / steps_per_epoch, color="tab:gray", ls="--", label="search ends")
-    ax.plot(history["epoch"], history["tau"], "o", label="run (end of epoch)")
+    ends = (history["epoch"] * steps_per_epoch - 1) / steps_per_epoch  # an epoch's last step set its temperature
+    ax.plot(ends, history["tau"], "o", label="run (last step of each epoch)")
     ax.legend()
     ax.set_xlabel("epoch")
     ax.set_ylabel("Gumbel-Sigmoid temperature")

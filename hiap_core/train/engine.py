@@ -357,7 +357,7 @@ GATE_SNAPSHOT_STEPS = 5  # gates.csv: the hardened structure every this many ste
 def gate_rows_for(model: nn.Module, step: int, steps_per_epoch: int) -> list[dict]:
     """The hardened structure per layer after `step` optimizer steps (`epoch`: the same as a fraction)."""
     table = structure_summary(model).iloc[:-1]
-    rows = table.drop(columns=["macs", "macs_no_attn_matmul", "params"]).to_dict("records")
+    rows = table.drop(columns=["macs", "macs_no_attn_matmul", "params", "head_ids"]).to_dict("records")
     for row in rows:
         row["step"], row["epoch"] = step, step / steps_per_epoch
         row["value_dims"] = " ".join(map(str, row["value_dims"]))
