@@ -52,7 +52,9 @@ def test_every_module_symbol_and_make_target_a_readme_names_exists(doc):
 
 def test_every_field_the_readme_sets_on_the_command_line_is_a_config_field():
     text = (ROOT / "README.md").read_text()
-    fields = {f for line in re.findall(r"--set (.*)", text) for f in re.findall(r"([\w.]+)=", line)} - {"field"}  # the syntax line
+    fields = {f for line in re.findall(r"--set (.*)", text) for f in re.findall(r"([\w.]+)=", line)} - {
+        "field"
+    }  # the syntax line
     assert fields, "README shows no --set example"
     for field in fields:
         section, _, name = field.rpartition(".")

@@ -209,3 +209,23 @@ def test_cached_teacher_logits_equal_the_live_teachers_forward(tmp_path):
         )
     )
     assert fast["test_acc"] == pytest.approx(live["test_acc"], abs=0.01)  # the same training up to float rounding
+
+
+def test_a_pipeline_stage_waits_for_the_process_training_its_run(tmp_path):
+    import threading
+
+    from hiap_core.core.files import exclusive_lock
+
+    lock, waited, got = tmp_path / "x.lock", [], threading.Event()
+
+    def stage():
+        with exclusive_lock(lock, wait=waited.append):
+            got.set()
+
+    with exclusive_lock(lock):
+        thread = threading.Thread(target=stage)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert waited == [str(os.getpid())] and not got.is_set()  # told whom it waits for, and waits
+    thread.join(timeout=10)
+    assert got.is_set()

@@ -52,17 +52,21 @@ class LockHeld(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike):
-    """Hold an exclusive lock on `path` (created if absent, holding the holder's pid) for the block; `LockHeld`
-    if a live process holds it. The OS drops a lock with its process, so a killed holder's is taken over."""
+def exclusive_lock(path: str | os.PathLike, wait: Callable[[str], object] | None = None):
+    """Hold an exclusive lock on `path` (created if absent, holding the holder's pid) for the block. If a live
+    process holds it: `LockHeld`, or with `wait`, call `wait(holder)` and block until it is free. The OS
+    drops a lock with its process, so a killed holder's is taken over."""
     path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise LockHeld(path, holder) from None
+        if wait is None:
+            os.close(fd)
+            raise LockHeld(path, holder) from None
+        wait(holder)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)

@@ -391,8 +391,14 @@ class Trainer:
         self._check_out_writable()
         if not self.dist.main:
             return self._run()
+        # a pipeline stage waits for the process training its run, then finds it finished; by hand: refused
+        wait = (
+            (lambda holder: self._log(f"[{self.out.name}] waiting for process {holder}, which trains into {self.out}"))
+            if self.restart_on_config_change
+            else None
+        )
         try:
-            with exclusive_lock(self.out / LOCK_FILE):
+            with exclusive_lock(self.out / LOCK_FILE, wait):
                 return self._run()
         except LockHeld as err:
             raise ConfigError(
