@@ -183,7 +183,7 @@ def test_cached_teacher_logits_equal_the_live_teachers_forward(tmp_path):
         TINY, "finetune", {"teacher": str(tmp_path / "dense"), "out": str(tmp_path / "ft"), "progress": False}
     )
     teacher_logits.compute(cfg, tmp_path / "logits")
-    cached = teacher_logits.load(
+    cached = engine.load_teacher_logits(
         config_from_params(TINY, "finetune", {"teacher": str(tmp_path / "dense"), "teacher_logits": str(tmp_path / "logits")}),
         engine.teacher_fingerprint(cfg),
     )
@@ -194,7 +194,7 @@ def test_cached_teacher_logits_equal_the_live_teachers_forward(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(cached[views], teacher(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="another teacher's weights"):
-        teacher_logits.load(cfg.__class__(**{**cfg.__dict__, "teacher_logits": str(tmp_path / "logits")}), "0" * 64)
+        engine.load_teacher_logits(cfg.__class__(**{**cfg.__dict__, "teacher_logits": str(tmp_path / "logits")}), "0" * 64)
     live = engine.train(cfg)
     fast = engine.train(
         config_from_params(

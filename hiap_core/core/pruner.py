@@ -56,6 +56,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr: floa
     return groups
 
 
+def _check_numbers(weights: dict, minimums: dict, schedule: dict) -> None:
+    """Every argument a finite number; weights and minimums >= 0, `init_logit` > 0 (every gate starts open)."""
+    for name, value in {**weights, **minimums, **schedule}.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    for name, value in {**weights, **minimums}.items():
+        if value < 0 or (name == "init_logit" and value == 0):
+            raise ValueError(f"{name} must be {'> 0 (every gate starts open)' if name == 'init_logit' else '>= 0'}, got {value}")
+
+
 class Pruner:
     """Gates `model` (a timm ViT, in place) and drives HiAP over `total_steps` optimizer steps.
 
@@ -95,21 +105,11 @@ class Pruner:
         search_fraction: float = 0.5,
         gate_forward: str = "hard",
     ):
-        numbers = {
-            "lambda_macro": lambda_macro,
-            "lambda_micro": lambda_micro,
-            "lambda_feas": lambda_feas,
-            "init_logit": init_logit,
-        }
-        numbers.update(min_heads=min_heads, min_value_fraction=min_value_fraction, min_neuron_fraction=min_neuron_fraction)
-        for name, value in {**numbers, "total_steps": total_steps, "tau0": tau0, "tau_min": tau_min}.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        for name, value in numbers.items():
-            if value < 0 or (name == "init_logit" and value == 0):
-                raise ValueError(
-                    f"{name} must be {'> 0 (every gate starts open)' if name == 'init_logit' else '>= 0'}, got {value}"
-                )
+        _check_numbers(
+            {"lambda_macro": lambda_macro, "lambda_micro": lambda_micro, "lambda_feas": lambda_feas, "init_logit": init_logit},
+            {"min_heads": min_heads, "min_value_fraction": min_value_fraction, "min_neuron_fraction": min_neuron_fraction},
+            {"total_steps": total_steps, "tau0": tau0, "tau_min": tau_min},
+        )
         if int(total_steps) != total_steps or total_steps < 1:
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps}")
         if not 0 < search_fraction <= 1:
@@ -120,8 +120,7 @@ class Pruner:
         self.search_steps = max(1, round(search_fraction * self.total_steps))  # the gates freeze after these
         temperature_at(0, self.search_steps, tau0, tau_min)  # checks the schedule before any work
         self.model = model if is_gated(model) else gate_vit(model, init_logit=init_logit, tau=tau0)
-        heads = describe(self.model).num_heads
-        if min_heads > heads:
+        if min_heads > (heads := describe(self.model).num_heads):
             raise ValueError(f"min_heads = {min_heads} is more than the model's {heads} heads per layer")
         set_gate_forward(self.model, gate_forward)
         self._gates = gates(self.model)  # walked every step: found once

@@ -431,3 +431,31 @@ def build_loaders(
 
     val = evaluation(pool.take(val_idx)) if cfg.val_size else None
     return Loaders(train, val, evaluation(test_set), pool.num_classes)
+
+
+LOGITS_FILE = "logits.safetensors"  # hiap_core.train.teacher_logits writes it
+
+
+def images_fingerprint(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
+def load_teacher_logits(cfg, teacher_sha256: str) -> torch.Tensor:
+    """The cached teacher logits of `cfg.teacher_logits` (`cfg`: a `config.RunConfig`), refused in one line
+    unless they were made from this teacher (`teacher_sha256`) and these training images, for a flip-only
+    augmentation."""
+    from safetensors import safe_open
+
+    path = Path(cfg.teacher_logits) / LOGITS_FILE
+    where = f"invalid config: teacher_logits = {cfg.teacher_logits!r}"
+    if cfg.data.augment == "crop_flip":
+        raise ConfigError(f"{where}: cached logits are exact for data.augment flip or none, not crop_flip")
+    if not path.is_file():
+        raise ConfigError(f"{where}: {path} not found; make it with python -m hiap_core.train.teacher_logits")
+    with safe_open(str(path), "pt") as f:
+        metadata, logits = f.metadata() or {}, f.get_tensor("logits")
+    if metadata.get("teacher_sha256") != teacher_sha256:
+        raise ConfigError(f"{where}: made from another teacher's weights; remake it (the teacher_logits stage)")
+    if metadata.get("images_sha256") != images_fingerprint(load_split(cfg.data, "train").images):
+        raise ConfigError(f"{where}: made from other training images; remake it (the teacher_logits stage)")
+    return logits

@@ -44,8 +44,7 @@ from ..core.losses import kd_loss
 from ..core.pruned import WEIGHTS_FILE, file_sha256, load_pruned, save_pruned
 from ..core.pruner import Pruner, param_groups
 from .config import ConfigError, RunConfig, read_by
-from . import teacher_logits
-from .data import build_loaders
+from .data import build_loaders, load_teacher_logits
 
 
 class TrainingDiverged(RuntimeError):
@@ -457,7 +456,7 @@ class Trainer:
         if cfg.teacher_logits is not None:
             if not hasattr(self.loaders.train, "views"):
                 raise ConfigError("invalid config: teacher_logits: cached logits need an in-memory dataset, not imagenet")
-            self.cached_logits = teacher_logits.load(cfg, teacher_fingerprint(cfg))
+            self.cached_logits = load_teacher_logits(cfg, teacher_fingerprint(cfg))
             self.loaders.train.views = True
         self.steps_per_epoch = len(self.loaders.train)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
