@@ -41,10 +41,11 @@ repro: venv data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 # The fine-tune recipe grid (a frozen stage, about 40 fine-tunes): then copy its picks into params.yaml `recipes`.
+# `dvc unfreeze` cannot rewrite a dvc.yaml with ${} variables, so the stage is thawed in the text for the run.
 grid: venv data
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc unfreeze recipe_grid
+	sed -i 's/^    frozen: true  # recipe_grid$$/    frozen: false  # recipe_grid/' dvc.yaml
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro recipe_grid; status=$$?; \
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc freeze recipe_grid; exit $$status
+	sed -i 's/^    frozen: false  # recipe_grid$$/    frozen: true  # recipe_grid/' dvc.yaml; exit $$status
 
 bench: venv data
 	$(PY) -m hiap_core.measure.bench
