@@ -29,6 +29,10 @@ def repo_copy(target: Path) -> Path:
             shutil.copy2(source, target / name)
     (target / "reports" / "notebooks").mkdir(parents=True)
     shutil.copy2(ROOT / "reports" / "README.md", target / "reports" / "README.md")
+    # a frozen stage is not rerun, so its committed outputs come along, as in a fresh clone (the recipe grid)
+    for name in ("tables/recipe_grid.csv", "tables/recipe_grid.md", "notebooks/08_recipe_grid.ipynb"):
+        (target / "reports" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / "reports" / name, target / "reports" / name)
     subprocess.run(["git", "init", "-q"], cwd=target, check=True)
     return target
 

@@ -419,6 +419,7 @@ def _study_rules(params: dict) -> list[tuple[str, Callable[[], bool], str]]:
     that cannot even read its value (a list where a mapping belongs) fails."""
     budgets, seeds = params.get("budgets"), params.get("seeds")
     names = set(budgets) if isinstance(budgets, dict) else set()
+    linked = "budgets" in params  # a partial params dict (a notebook's groups) has nothing to cross-reference
     known = f"must name budgets of `budgets` ({', '.join(sorted(names))})"
     grid = params.get("recipe_grid") or {}
     base, ablation = params.get("baselines") or {}, params.get("ablation") or {}
@@ -458,11 +459,11 @@ def _study_rules(params: dict) -> list[tuple[str, Callable[[], bool], str]]:
                 "must be a non-empty list of learning rates > 0",
             ),
             ("recipe_grid.warmup", lambda: _number_list([grid["warmup"]], 0.0, 1.0), "must be a fraction of the steps in [0, 1)"),
-            ("recipe_grid.budgets", lambda: bool(grid["budgets"]) and set(grid["budgets"]) <= names, known),
+            ("recipe_grid.budgets", lambda: bool(grid["budgets"]) and (not linked or set(grid["budgets"]) <= names), known),
         ]
-    if "floor_budgets" in base:
+    if "floor_budgets" in base and linked:
         rules.append(("baselines.floor_budgets", lambda: set(base["floor_budgets"]) <= names, known))
-    if "budget" in ablation:
+    if "budget" in ablation and linked:
         rules.append(("ablation.budget", lambda: ablation["budget"] in names, known))
     for method, picks in (params.get("recipes") or {}).items():
         rules.append(
