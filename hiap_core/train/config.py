@@ -413,6 +413,17 @@ def _number_list(value, low: float, high: float) -> bool:
     )
 
 
+def _recipe_picks_ok(picks) -> bool:
+    """A `recipes` entry: a non-empty list of {macs, lr, warmup} in their ranges."""
+    return bool(picks) and all(
+        set(p) == {"macs", "lr", "warmup"}
+        and _number_list([p["lr"]], 1e-12, float("inf"))
+        and _number_list([p["warmup"]], 0.0, 1.0)
+        and _number_list([p["macs"]], 1e-9, 1.0 + 1e-9)
+        for p in picks
+    )
+
+
 def _study_rules(params: dict) -> list[tuple[str, Callable[[], bool], str]]:
     """(key, check, rule) for the study's groups that cross-reference each other, where present: a pipeline
     built on an empty or dangling one would fail inside a stage, after the upstream stages ran. A check
@@ -429,15 +440,6 @@ def _study_rules(params: dict) -> list[tuple[str, Callable[[], bool], str]]:
             bool(seeds)
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)
             and len(set(seeds)) == len(seeds)
-        )
-
-    def picks_ok(picks) -> bool:
-        return bool(picks) and all(
-            set(p) == {"macs", "lr", "warmup"}
-            and _number_list([p["lr"]], 1e-12, float("inf"))
-            and _number_list([p["warmup"]], 0.0, 1.0)
-            and _number_list([p["macs"]], 1e-9, 1.0 + 1e-9)
-            for p in picks
         )
 
     rules = []
@@ -469,7 +471,7 @@ def _study_rules(params: dict) -> list[tuple[str, Callable[[], bool], str]]:
         rules.append(
             (
                 f"recipes.{method}",
-                lambda picks=picks: picks_ok(picks),
+                lambda picks=picks: _recipe_picks_ok(picks),
                 "must be a list of {macs, lr, warmup}: macs in (0, 1], lr > 0, warmup in [0, 1)",
             )
         )

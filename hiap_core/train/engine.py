@@ -38,10 +38,10 @@ from ..core.budget import InfeasibleBudget
 from ..core.cost import UnitCosts, count_macs, expected_macs, load_cost_table, unit_costs
 from ..core.describe import describe
 from ..core.extract import extract, structure_summary
-from ..core.files import LockHeld, atomic_write, exclusive_lock
+from ..core.files import LockHeld, atomic_write, exclusive_lock, file_sha256
 from ..core.gated_vit import gate_parameters, gate_vit
 from ..core.losses import kd_loss
-from ..core.pruned import WEIGHTS_FILE, file_sha256, load_pruned, save_pruned
+from ..core.pruned import WEIGHTS_FILE, load_pruned, save_pruned
 from ..core.pruner import Pruner, param_groups
 from .config import ConfigError, RunConfig, read_by
 from .data import build_loaders, load_teacher_logits
