@@ -92,7 +92,7 @@ def test_save_is_atomic_and_load_errors_are_clear(tmp_path):
     arch = json.loads((folder / "architecture.json").read_text())
     arch["spec"]["embed_dim"] = 32
     (folder / "architecture.json").write_text(json.dumps(arch))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="not the architecture .*model.safetensors was saved with"):
         hiap_core.load_pruned(folder)
     (folder / "architecture.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid"):
@@ -126,3 +126,37 @@ def test_a_model_saved_by_the_first_format_loads_and_gives_its_saved_outputs():
     saved = load_file(str(folder / "io.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(model(saved["images"]), saved["logits"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda spec: spec["layers"][0]["value_dims"].reverse(),  # same tensor shapes, other per-head widths
+        lambda spec: spec.update(norm_eps=1e-5),
+        lambda spec: spec.update(global_pool="avg" if spec["global_pool"] != "avg" else "token"),
+    ],
+    ids=["value_dims permuted", "norm_eps", "global_pool"],
+)
+def test_an_architecture_edited_to_the_same_shapes_is_refused(tmp_path, edit):
+    """The weights' metadata hold the hash of the architecture they were saved with: an edit that keeps every
+    tensor shape (and so loads) but changes the outputs is one line, not a silently different model."""
+    gated = gated_copy(make_vit())
+    attn = gated.blocks[0].attn
+    attn.value_gate.logits.data[: attn.head_dim // 2] = -10.0  # head 0 keeps half its value dims, the others all
+    folder = hiap_core.save_pruned(hiap_core.extract(gated), tmp_path / "m")
+    arch = json.loads((folder / "architecture.json").read_text())
+    assert len(set(arch["spec"]["layers"][0]["value_dims"])) > 1
+    edit(arch["spec"])
+    (folder / "architecture.json").write_text(json.dumps(arch))
+    with pytest.raises(ValueError, match="not the architecture") as err:
+        hiap_core.load_pruned(folder)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine loads onto cuda")
+def test_loading_onto_cuda_without_a_gpu_says_so(tmp_path):
+    folder = hiap_core.save_pruned(hiap_core.extract(gated_copy(make_vit())), tmp_path / "m")
+    with pytest.raises(ValueError, match="no CUDA device; load on 'cpu'"):
+        hiap_core.load_pruned(folder, map_location="cuda")
+    with pytest.raises(ValueError, match="not a torch device"):
+        hiap_core.load_pruned(folder, map_location="gpu0")

@@ -65,6 +65,8 @@ def dense_run(tmp_path_factory):
         ("uniform", {"teacher": "x"}, "target_macs"),
         ("hiap", {}, "teacher"),
         ("dense", {"model.name": "not_a_model"}, "model.name"),
+        ("dense", {"model.name": "resnet18"}, "model.name"),  # a timm model, not a ViT: before any data is read
+        ("dense", {"model.name": "swin_tiny_patch4_window7_224"}, "model.name"),
         ("dense", {"model.patch_size": 5}, "model.patch_size"),
         ("dense", {"optim.lr": "fast"}, "optim.lr"),
         ("dense", {"optim.batch_size": 1.5}, "optim.batch_size"),
@@ -234,6 +236,38 @@ def test_offline_pretrained_checkpoint_missing_is_a_clear_error():
     )
     with pytest.raises(ConfigError, match="file not found"):
         engine.build_dense_model(cfg)
+
+
+@pytest.mark.parametrize("content", ["random bytes", "a training checkpoint"])
+def test_an_unloadable_pretrained_file_is_one_line(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    if content == "random bytes":
+        path.write_bytes(os.urandom(4096))
+    else:  # what a user may take for weights: the engine's checkpoint of a gated run
+        torch.save({"model": {"blocks.0.attn.head_gate.logits": torch.zeros(3)}, "optimizer": {}, "epoch": 1}, path)
+    cfg = RunConfig(
+        method="hiap",
+        model=hiap_core.train.config.ModelConfig(name="deit_tiny_patch16_224", pretrained=str(path), num_classes=10),
+    )
+    with pytest.raises(ConfigError, match="cannot be loaded into deit_tiny_patch16_224 .*not a training checkpoint") as err:
+        engine.build_dense_model(cfg)
+    assert "\n" not in str(err.value)
+
+
+@needs_fashion
+def test_a_refused_run_leaves_no_empty_folder_and_a_killed_write_no_temporary(dense_run, tmp_path):
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match="target_macs"):
+        engine.train(tiny_cfg("hiap", out, teacher=str(dense_run[0]), target_macs=0.001))  # below every feasible model
+    assert not out.exists()
+    existing = tmp_path / "kept"
+    (existing / "model").mkdir(parents=True)
+    leftovers = [existing / ".checkpoint.abc123.tmp.pt", existing / "model" / ".model.x1.tmp.safetensors"]
+    for path in leftovers:  # what a kill -9 during an atomic write leaves
+        path.write_bytes(b"half a file")
+    engine.train(tiny_cfg("dense", existing))
+    assert not any(path.exists() for path in leftovers)
+    assert (existing / "metrics.json").is_file()
 
 
 @needs_fashion

@@ -28,6 +28,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return path
 
 
+def remove_leftover_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of `atomic_write`s a killed process left under `folder` (call it holding the
+    folder's lock: no live writer's file goes); returns them."""
+    leftovers = [p for p in Path(folder).rglob(".*.tmp*") if p.is_file()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
 def _umask() -> int:
     """The process umask (read by setting it, so set it straight back)."""
     mask = os.umask(0o022)

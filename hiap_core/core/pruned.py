@@ -7,6 +7,7 @@ without the training code. Parameter names follow timm's `VisionTransformer` (`p
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -23,6 +25,7 @@ from .files import atomic_write, file_sha256
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 ARCH_FILE = "architecture.json"
+SPEC_HASH_KEY = "hiap_spec_sha256"  # in the weights' metadata: the weights vouch for the architecture they fit
 
 
 class BiasOnly(nn.Module):
@@ -190,15 +193,46 @@ def save_pruned(model: PrunedViT, path: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # safetensors' save_file recreates the file with mode 0600; writing its bytes keeps atomic_write's 0644
-    atomic_write(folder / WEIGHTS_FILE, lambda tmp: tmp.write_bytes(save(tensors)))
+    weights = save(tensors, metadata={SPEC_HASH_KEY: spec_sha256(model.spec)})
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: tmp.write_bytes(weights))
     arch = {"format": "hiap-pruned-vit", "format_version": FORMAT_VERSION, "spec": model.spec.to_dict()}
     arch["weights_sha256"] = file_sha256(folder / WEIGHTS_FILE)  # load_pruned refuses weights changed since
     atomic_write(folder / ARCH_FILE, lambda tmp: tmp.write_text(json.dumps(arch, indent=1)))
     return folder
 
 
+def spec_sha256(spec: ViTSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _device(map_location: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"map_location = {map_location!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location = {map_location!r}: this machine has no CUDA device; load on 'cpu', then move the model")
+    return device
+
+
+def _check_spec_hash(weights: Path, arch_file: Path, spec: ViTSpec) -> None:
+    """The architecture the weights were saved with is the one the JSON describes (same shapes are not enough:
+    permuted value widths or another norm eps load silently and give other logits)."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            recorded = (f.metadata() or {}).get(SPEC_HASH_KEY)
+    except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"{weights} is not a readable safetensors file (corrupt or truncated): {err}") from err
+    if recorded is not None and recorded != spec_sha256(spec):  # absent in files written before it was recorded
+        raise ValueError(
+            f"{arch_file} is not the architecture {weights} was saved with (edited since: value_dims, global_pool, "
+            "norm_eps, ...); restore it or save the model again"
+        )
+
+
 def load_pruned(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> PrunedViT:
     """Load a model written by `save_pruned` (eval mode)."""
+    device = _device(map_location)
     folder = Path(path)
     weights, arch_file = folder / WEIGHTS_FILE, folder / ARCH_FILE
     for f in (weights, arch_file):
@@ -217,9 +251,10 @@ def load_pruned(path: str | os.PathLike, map_location: str | torch.device = "cpu
             f"{weights} is not the file {arch_file} was saved with (its sha256 differs): changed or replaced since; "
             "restore it or save the model again"
         )
+    _check_spec_hash(weights, arch_file, spec)
     model = PrunedViT(spec)
     try:
-        state = load_file(str(weights), device=str(map_location))
+        state = load_file(str(weights), device=str(device))
         model.load_state_dict(state)
     except Exception as err:
         raise ValueError(f"{weights} does not match {arch_file} (corrupt or mixed-up files): {err}") from err

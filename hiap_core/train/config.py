@@ -295,6 +295,8 @@ def _validate(cfg: RunConfig) -> None:
         _fail("teacher", None, f"method {cfg.method} needs the dense run's folder (teacher) or model.pretrained")
     if cfg.model.name != "custom" and cfg.model.name not in _timm_models():
         _fail("model.name", cfg.model.name, "is not a timm model name (or 'custom')")
+    if cfg.model.name != "custom" and (problem := _not_gateable(cfg.model)):
+        _fail("model.name", cfg.model.name, problem)
 
 
 @functools.cache
@@ -303,6 +305,26 @@ def _timm_models() -> set[str]:
     import timm
 
     return set(timm.list_models())
+
+
+def _not_gateable(m) -> str | None:
+    """Why the timm model `m.name` cannot be pruned here (None when it can): built on the meta device (no
+    memory, no weights), so a ResNet or a Swin is refused before any data or checkpoint is read."""
+    import torch
+    import timm
+
+    from ..core.gated_vit import check_vit
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(
+                m.name, pretrained=False, num_classes=m.num_classes, img_size=m.img_size, in_chans=m.in_chans
+            )
+        check_vit(model)
+    except Exception as err:  # a ResNet takes no img_size (TypeError); other models assert on their own sizes
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        return f"cannot be pruned by hiap_core, which takes timm VisionTransformers ({first})"
+    return None
 
 
 def _get(cfg, dotted: str):

@@ -38,7 +38,7 @@ from ..core.budget import InfeasibleBudget
 from ..core.cost import UnitCosts, count_macs, expected_macs, load_cost_table, unit_costs
 from ..core.describe import describe
 from ..core.extract import extract, structure_summary
-from ..core.files import LockHeld, atomic_write, exclusive_lock, file_sha256
+from ..core.files import LockHeld, atomic_write, exclusive_lock, file_sha256, remove_leftover_temporaries
 from ..core.gated_vit import gate_parameters, gate_vit
 from ..core.losses import kd_loss
 from ..core.pruned import WEIGHTS_FILE, load_pruned, save_pruned
@@ -160,7 +160,15 @@ def build_dense_model(cfg: RunConfig) -> nn.Module:
                 f"model.pretrained = {m.pretrained!r}: file not found. Download the {m.name} weights "
                 "(timm checkpoint, .pth or .safetensors) and point model.pretrained at them"
             )
-        timm.models.load_checkpoint(model, str(path), strict=True)
+        try:
+            timm.models.load_checkpoint(model, str(path), strict=True)
+        except Exception as err:  # torch and timm raise many types for a foreign or truncated file
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise ConfigError(
+                f"model.pretrained = {m.pretrained!r} cannot be loaded into {m.name} ({first[:200]}): it must be a "
+                "timm state dict of this model (.pth or .safetensors), not a training checkpoint.pt (a run's teacher "
+                "is its folder: teacher = RUN_FOLDER)"
+            ) from err
     return model
 
 
@@ -387,9 +395,20 @@ class Trainer:
             print(message, flush=True)
 
     def run(self) -> dict:
+        created = not self.out.exists()
         self._check_out_writable()
         if not self.dist.main:
             return self._run()
+        try:
+            return self._run_locked()
+        except ConfigError:
+            if created:  # a refused config leaves no empty run folder behind
+                (self.out / LOCK_FILE).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # not empty: something was written, keep it
+                    self.out.rmdir()
+            raise
+
+    def _run_locked(self) -> dict:
         # a pipeline stage waits for the process training its run, then finds it finished; by hand: refused
         wait = (
             (lambda holder: self._log(f"[{self.out.name}] waiting for process {holder}, which trains into {self.out}"))
@@ -398,6 +417,7 @@ class Trainer:
         )
         try:
             with exclusive_lock(self.out / LOCK_FILE, wait):
+                remove_leftover_temporaries(self.out)
                 return self._run()
         except LockHeld as err:
             raise ConfigError(

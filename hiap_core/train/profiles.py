@@ -12,6 +12,12 @@ from pathlib import Path
 
 from .paths import PARAMS
 
+
+class Replace(dict):
+    """A profile group that replaces the params.yaml group whole (its keys not kept), where merging would keep
+    the default's other entries (budgets, sweep ratios)."""
+
+
 PROFILES = {
     "paper": {
         "data": {"dataset": "cifar10", "root": None, "train_subset": None, "test_subset": None},
@@ -39,7 +45,8 @@ PROFILES = {
         "dense": {"epochs": 1, "warmup_epochs": 0.5, "batch_size": 64},
         "hiap": {"epochs": 2, "batch_size": 64, "gate_lr": 0.5, "init_logit": 1.0, "train_subset": 256},
         "seeds": [0, 1],
-        "budgets": {"harsh": {"target_macs": 0.3}},  # uniform's floor on this 48-wide model is 0.23 of MACs
+        # a mild and a harsh budget (uniform's floor on this 48-wide model is 0.23 of MACs): every stage kind, fewer stages
+        "budgets": Replace({"moderate": {"target_macs": 0.67}, "harsh": {"target_macs": 0.3}}),
         # Torch-Pruning's steps on this 48-wide model are about 1% of MACs, too coarse to land within 0.5% of
         # every HiAP run: tests/test_torch_pruning.py covers it; the default study runs it.
         "baselines": {
@@ -48,8 +55,18 @@ PROFILES = {
             "train_subset": 256,
             "methods": ["uniform", "transplant"],
             "floor_methods": ["l1_ffn"],
+            "floor_budgets": ["moderate"],
         },
-        "sweep": {"epochs": 1, "train_subset": 128},
+        "sweep": {
+            "epochs": 1,
+            "train_subset": 128,
+            "ratios": Replace(
+                {
+                    "r2_1": {"lambda_macro": 0.3, "lambda_micro": 0.15},
+                    "macro_only": {"lambda_macro": 0.45, "lambda_micro": 0.0, "target_macs": 0.85},
+                }
+            ),
+        },
         "latency": {"batch1_runs": 3, "batch64_runs": 2, "versus_runs": 2},
         "cost_table": {"fit_models": 8, "eval_models": 3, "runs": 2},
         "latency_target": {"target": 1.0},  # any lower target may fall below a tiny model's measured floor
@@ -61,7 +78,9 @@ PROFILES = {
 def merge(base, override: dict):
     """Deep-merge `override` into `base` in place (keeps ruamel's comments on untouched keys)."""
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        if isinstance(value, Replace):
+            base[key] = dict(value)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
             merge(base[key], value)
         else:
             base[key] = value
