@@ -265,6 +265,33 @@ def test_latency_cost_table_must_match_the_architecture(tmp_path):
         hiap_core.load_cost_table(tmp_path / "missing.json", spec)
 
 
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda t: t["coefficients"].update(neuron=float("nan")), "finite numbers >= 0"),
+        (lambda t: t["coefficients"].update(head=-0.5), "finite numbers >= 0"),  # a unit that pays for being kept
+        (lambda t: t["coefficients"].update(head=0.0, value_dim=0.0, neuron=0.0), "some unit must cost more than 0"),
+        (lambda t: t["coefficients"].pop("neuron"), "no valid 'neuron' entry"),
+        (lambda t: t.pop("spec"), "no valid 'spec' entry: not a table written by hiap_core.measure.cost_table"),
+        (lambda t: t.update(coefficients=[1, 2]), "no valid"),
+    ],
+    ids=["nan", "negative", "all zero", "missing coefficient", "wrong content", "coefficients not a mapping"],
+)
+def test_a_bad_latency_cost_table_is_refused_naming_what_is_wrong(tmp_path, edit, match):
+    spec = hiap_core.describe(make_vit())
+    table = {
+        "unit": "ms",
+        "spec": spec.dense().to_dict(),
+        "coefficients": {"static": 1.0, "head": 0.5, "value_dim": 0.01, "neuron": 0.02},
+    }
+    edit(table)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=match) as err:
+        hiap_core.load_cost_table(path, spec)
+    assert "\n" not in str(err.value)
+
+
 def test_the_proportional_term_is_bounded_so_a_far_target_does_not_blow_the_scale_up():
     controller = BudgetController(target=0.2, lr=0.1, gain=2.0)
     assert controller.update(1.0) <= math.exp(0.1 * 4.0 + 2.0)  # 400% over: the P term counts 100%

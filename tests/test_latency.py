@@ -80,3 +80,24 @@ def test_random_width_states_keep_every_layer_alive():
         hiap_core.set_gate_state(gated, latency.random_width_state(gated, gen))
         spec = hiap_core.describe(gated)
         assert all(len(layer.heads) >= 1 and min(layer.value_dims) >= 1 for layer in spec.layers)
+
+
+def test_the_benchmark_floor_is_the_model_with_nothing_prunable_and_bounds_the_efficiency():
+    """`make bench` prints beside each speedup / MACs-ratio the best one reachable: the floor model (every
+    head and FFN removed) has exactly the static MACs, equals the gated model in that state, and a model
+    whose time falls with its MACs down to that floor reaches the bound."""
+    import copy
+
+    from hiap_core.core.cost import static_macs
+    from hiap_core.measure import bench
+
+    dense = make_vit().eval()
+    gated = hiap_core.gate_vit(copy.deepcopy(dense)).eval()
+    hiap_core.set_gate_state(gated, bench.empty_state(gated))
+    floor = hiap_core.extract(gated)
+    assert hiap_core.count_macs(floor) == static_macs(hiap_core.describe(dense))
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(floor(x), gated(x))
+    assert bench.best_efficiency(1.0, 0.02, 0.1) == pytest.approx(1.0)  # dense: nothing gained, nothing lost
+    assert bench.best_efficiency(0.56, 0.02, 0.0) == pytest.approx(0.56 / (0.54 / 0.98))  # no floor time: MACs alone
+    assert bench.best_efficiency(0.56, 0.02, 0.189) < bench.best_efficiency(0.56, 0.02, 0.089) < 1

@@ -10,6 +10,7 @@ import yaml
 from conftest import make_vit, needs_cuda
 
 import hiap_core
+from hiap_core.core.gated_vit import GateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,6 +85,7 @@ def test_impossible_settings_fail_before_any_training(kwargs, match):
 def test_pruner_defaults_are_the_params_yaml_hiap_group():
     hiap = yaml.safe_load((ROOT / "params.yaml").read_text())["hiap"]
     defaults = {n: p.default for n, p in inspect.signature(hiap_core.Pruner).parameters.items() if p.default is not p.empty}
+    defaults["init_logit"] = GateConfig().init_logit  # None: the gates' own default
     shared = {n: v for n, v in defaults.items() if n in hiap}
     assert len(shared) == 15  # every setting but `costs` and `target` (hiap.target_macs / target_latency)
     assert shared == {n: hiap[n] for n in shared}
@@ -157,3 +159,13 @@ def test_the_pruner_refuses_values_outside_their_sense_in_one_line(kwargs, field
     arguments = {"total_steps": 10, **kwargs}
     with pytest.raises((ValueError, TypeError), match=field if field != "target" else "target"):
         hiap_core.Pruner(make_vit(), **arguments)
+
+
+def test_init_logit_on_a_model_gated_already_is_refused_not_ignored():
+    gated = hiap_core.gate_vit(make_vit(), init_logit=3.0)
+    with pytest.raises(ValueError, match="already gated .*leave init_logit unset"):
+        hiap_core.Pruner(gated, total_steps=10, init_logit=1.0)
+    pruner = hiap_core.Pruner(gated, total_steps=10)  # its logits kept
+    assert all(float(g.logits.min()) == 3.0 for g in hiap_core.core.gated_vit.gates(pruner.model))
+    fresh = hiap_core.Pruner(make_vit(), total_steps=10, init_logit=1.0)
+    assert all(float(g.logits.max()) == 1.0 for g in hiap_core.core.gated_vit.gates(fresh.model))

@@ -67,6 +67,7 @@ def dense_run(tmp_path_factory):
         ("dense", {"model.name": "not_a_model"}, "model.name"),
         ("dense", {"model.name": "resnet18"}, "model.name"),  # a timm model, not a ViT: before any data is read
         ("dense", {"model.name": "swin_tiny_patch4_window7_224"}, "model.name"),
+        ("dense", {"model.name": "vit_tiny_patch16_224"}, "model.name"),  # patch 16 does not tile 28x28 images
         ("dense", {"model.patch_size": 5}, "model.patch_size"),
         ("dense", {"optim.lr": "fast"}, "optim.lr"),
         ("dense", {"optim.batch_size": 1.5}, "optim.batch_size"),
@@ -252,6 +253,17 @@ def test_an_unloadable_pretrained_file_is_one_line(tmp_path, content):
     with pytest.raises(ConfigError, match="cannot be loaded into deit_tiny_patch16_224 .*not a training checkpoint") as err:
         engine.build_dense_model(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_an_infeasible_budget_is_refused_before_any_data_or_teacher_is_read(tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("read before the budget was checked")
+
+    monkeypatch.setattr(engine, "build_loaders", must_not_run)
+    monkeypatch.setattr(engine, "load_teacher", must_not_run)
+    with pytest.raises(ConfigError, match="target_macs = 0.01: .*below .*smallest model") as err:
+        engine.train(tiny_cfg("hiap", tmp_path / "run", teacher=str(tmp_path / "no_teacher"), target_macs=0.01))
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
 
 
 @needs_fashion
@@ -682,9 +694,6 @@ def test_values_outside_their_sense_are_refused_in_one_line(override, field):
 
 
 def test_a_named_timm_vit_gets_the_datasets_channels():
-    cfg = config_from_params(
-        {**TINY, "model": {"name": "vit_tiny_patch16_224", "img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10}},
-        "dense",
-    )
-    model = engine.build_dense_model(cfg)
+    model_cfg = hiap_core.train.config.ModelConfig(name="vit_tiny_patch16_224", img_size=32, in_chans=1, num_classes=10)
+    model = engine.build_dense_model(RunConfig(method="dense", model=model_cfg))  # 16-px patches tile 32, not 28
     assert model.patch_embed.proj.in_channels == 1

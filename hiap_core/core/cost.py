@@ -5,6 +5,7 @@ measured per-unit latencies (`load_cost_table`), so penalties and budgets work i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,15 +83,29 @@ def load_cost_table(path, spec: ViTSpec) -> UnitCosts:
             f"latency cost table {path} not found: measure one with "
             f"`python -m hiap_core.measure.cost_table --out {path}` (or `dvc repro cost_table`)"
         )
-    table = json.loads(path.read_text())
-    measured = ViTSpec.from_dict(table["spec"])
+    try:
+        table = json.loads(path.read_text())
+        measured = ViTSpec.from_dict(table["spec"])
+        costs = UnitCosts.from_coefficients(table["coefficients"], table["unit"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            f"latency cost table {path} has no valid {err} entry: not a table written by hiap_core.measure.cost_table; "
+            f"measure one with `python -m hiap_core.measure.cost_table --out {path}`"
+        ) from err
+    values = {"static": costs.static, "head": costs.alpha, "value_dim": costs.beta, "neuron": costs.gamma}
+    bad = {k: v for k, v in values.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)}
+    if bad or costs.alpha + costs.beta + costs.gamma == 0:
+        raise ValueError(
+            f"latency cost table {path}: coefficients must be finite numbers >= 0 and some unit must cost more than 0, "
+            f"got {bad or values}; measure the table again"
+        )
     if measured.dense() != spec.dense():
         raise ValueError(
             f"latency cost table {path} was measured for another architecture "
             f"({measured.embed_dim}-dim, {len(measured.layers)} layers, {measured.num_tokens} tokens): "
             "measure one for this model"
         )
-    return UnitCosts.from_coefficients(table["coefficients"], table["unit"])
+    return costs
 
 
 def count_macs(model: nn.Module | ViTSpec, img_size=None, attention_matmuls: bool = True) -> int:

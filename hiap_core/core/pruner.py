@@ -25,6 +25,7 @@ from .describe import describe
 from .extract import extract
 from .gated_vit import (
     GATE_FORWARDS,
+    GateConfig,
     freeze_gates,
     gate_parameters,
     gate_vit,
@@ -66,6 +67,28 @@ def _check_numbers(weights: dict, minimums: dict, schedule: dict) -> None:
             raise ValueError(f"{name} must be {'> 0 (every gate starts open)' if name == 'init_logit' else '>= 0'}, got {value}")
 
 
+def _check_schedule(total_steps, search_fraction, gate_forward) -> None:
+    """The step counts and the gate forward, before the model is touched."""
+    if int(total_steps) != total_steps or total_steps < 1:
+        raise ValueError(f"total_steps must be an integer >= 1, got {total_steps}")
+    if not 0 < search_fraction <= 1:
+        raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
+    if gate_forward not in GATE_FORWARDS:
+        raise ValueError(f"gate forward must be one of {', '.join(GATE_FORWARDS)}, got {gate_forward!r}")
+
+
+def _gated(model: nn.Module, init_logit: float | None, tau: float) -> nn.Module:
+    """`model` gated in place (`init_logit` None: `GateConfig`'s); one gated already is taken as it is."""
+    if not is_gated(model):
+        return gate_vit(model, init_logit=GateConfig().init_logit if init_logit is None else init_logit, tau=tau)
+    if init_logit is not None:
+        raise ValueError(
+            "init_logit sets the gates the Pruner adds, but this model is already gated (its logits are kept): "
+            "pass the dense model, or leave init_logit unset"
+        )
+    return model
+
+
 class Pruner:
     """Gates `model` (a timm ViT, in place) and drives HiAP over `total_steps` optimizer steps.
 
@@ -79,7 +102,8 @@ class Pruner:
     `target` is a fraction of the dense cost (<= 1) or an absolute cost (> 1) and one scale on both lambdas
     (their ratio kept) is adapted every step (`budget.BudgetController`). `costs`: unit costs of the
     penalties and the budget, MACs of `model` by default or a latency table (`load_cost_table`).
-    The defaults are params.yaml's `hiap` group (a test keeps them equal).
+    The defaults are params.yaml's `hiap` group (a test keeps them equal); `init_logit` (None: `GateConfig`'s)
+    sets the gates it adds to a dense model, and is refused with a model gated already (its logits are kept).
     """
 
     def __init__(
@@ -92,7 +116,7 @@ class Pruner:
         lambda_feas: float = 10.0,
         tau0: float = 2.0,
         tau_min: float = 0.5,
-        init_logit: float = 3.0,
+        init_logit: float | None = None,
         min_heads: float = 1.0,
         min_value_fraction: float = 0.125,
         min_neuron_fraction: float = 0.125,
@@ -106,20 +130,16 @@ class Pruner:
         gate_forward: str = "hard",
     ):
         _check_numbers(
-            {"lambda_macro": lambda_macro, "lambda_micro": lambda_micro, "lambda_feas": lambda_feas, "init_logit": init_logit},
+            {"lambda_macro": lambda_macro, "lambda_micro": lambda_micro, "lambda_feas": lambda_feas}
+            | ({} if init_logit is None else {"init_logit": init_logit}),
             {"min_heads": min_heads, "min_value_fraction": min_value_fraction, "min_neuron_fraction": min_neuron_fraction},
             {"total_steps": total_steps, "tau0": tau0, "tau_min": tau_min},
         )
-        if int(total_steps) != total_steps or total_steps < 1:
-            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps}")
-        if not 0 < search_fraction <= 1:
-            raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
-        if gate_forward not in GATE_FORWARDS:  # before the model is touched
-            raise ValueError(f"gate forward must be one of {', '.join(GATE_FORWARDS)}, got {gate_forward!r}")
+        _check_schedule(total_steps, search_fraction, gate_forward)
         self.total_steps = int(total_steps)
         self.search_steps = max(1, round(search_fraction * self.total_steps))  # the gates freeze after these
         temperature_at(0, self.search_steps, tau0, tau_min)  # checks the schedule before any work
-        self.model = model if is_gated(model) else gate_vit(model, init_logit=init_logit, tau=tau0)
+        self.model = _gated(model, init_logit, tau0)
         if min_heads > (heads := describe(self.model).num_heads):
             raise ValueError(f"min_heads = {min_heads} is more than the model's {heads} heads per layer")
         set_gate_forward(self.model, gate_forward)

@@ -313,17 +313,20 @@ def _not_gateable(m) -> str | None:
     import torch
     import timm
 
-    from ..core.gated_vit import check_vit
+    from ..core.describe import describe
 
     try:
         with torch.device("meta"):
             model = timm.create_model(
                 m.name, pretrained=False, num_classes=m.num_classes, img_size=m.img_size, in_chans=m.in_chans
             )
-        check_vit(model)
+        describe(model)  # checks it (check_vit) and its sizes (an image size its patches do not tile)
     except Exception as err:  # a ResNet takes no img_size (TypeError); other models assert on their own sizes
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        return f"cannot be pruned by hiap_core, which takes timm VisionTransformers ({first})"
+        return (
+            f"cannot be pruned by hiap_core with this model config ({first}): "
+            "it takes timm VisionTransformers whose patches tile model.img_size"
+        )
     return None
 
 

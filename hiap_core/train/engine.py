@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
 
 from ..core.baselines import prune_to_target, transplant
-from ..core.budget import InfeasibleBudget
+from ..core.budget import InfeasibleBudget, target_fraction
 from ..core.cost import UnitCosts, count_macs, expected_macs, load_cost_table, unit_costs
 from ..core.describe import describe
 from ..core.extract import extract, structure_summary
@@ -232,12 +232,32 @@ def cost_model(cfg: RunConfig, spec) -> UnitCosts:
         raise ConfigError(f"invalid config: hiap.cost_table = {cfg.hiap.cost_table!r}: {err}") from err
 
 
+def budget_field(cfg: RunConfig) -> tuple[str, float | None]:
+    """The config field holding HiAP's budget, and its value (None: lambda mode)."""
+    return ("hiap.target_latency", cfg.hiap.target_latency) if cfg.hiap.cost == "latency" else ("target_macs", cfg.target_macs)
+
+
+def check_budget(cfg: RunConfig) -> None:
+    """Refuse a HiAP budget no model can meet (or an unreadable cost table) before any data or teacher is read:
+    the check runs on the model built on the meta device."""
+    field, target = budget_field(cfg)
+    if cfg.method != "hiap" or target is None:
+        return
+    with torch.device("meta"):
+        spec = describe(build_dense_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))))
+    h = cfg.hiap
+    try:
+        target_fraction(target, spec, cost_model(cfg, spec), h.min_heads, h.min_value_fraction, h.lambda_macro, h.lambda_micro)
+    except InfeasibleBudget as err:
+        raise ConfigError(f"invalid config: {field} = {target!r}: {err}") from err
+
+
 def make_pruner(cfg: RunConfig, model: nn.Module, total_steps: int) -> Pruner:
     """The run's `Pruner` from the `hiap` settings (gates `model` in place); a budget no model can meet is
     refused here, before training, naming the field."""
     h = cfg.hiap
     costs = cost_model(cfg, describe(model))
-    field, target = ("hiap.target_latency", h.target_latency) if h.cost == "latency" else ("target_macs", cfg.target_macs)
+    field, target = budget_field(cfg)
     try:
         return Pruner(
             model,
@@ -401,8 +421,8 @@ class Trainer:
             return self._run()
         try:
             return self._run_locked()
-        except ConfigError:
-            if created:  # a refused config leaves no empty run folder behind
+        except BaseException:
+            if created:  # a refused config (or a run that failed before writing anything) leaves no empty folder
                 (self.out / LOCK_FILE).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):  # not empty: something was written, keep it
                     self.out.rmdir()
@@ -462,6 +482,7 @@ class Trainer:
     def _prepare(self) -> None:
         """Data, teacher, model (gated by the pruner for HiAP), optimizer and schedule lengths."""
         cfg, dist = self.cfg, self.dist
+        check_budget(cfg)
         torch.manual_seed(cfg.seed)
         self.loaders = build_loaders(
             cfg.data, cfg.model.img_size, cfg.optim.batch_size, cfg.seed, dist.rank, dist.world, dist.device.type == "cuda"
