@@ -68,6 +68,20 @@ def test_every_module_a_stage_imports_is_covered_by_its_deps():
             assert any(path == d or path.startswith(d + "/") for d in deps), f"stage {name} runs {path}, not in its deps"
 
 
+def test_a_fresh_clone_has_every_file_of_the_teacher_the_stages_read():
+    """Only the dense stage's outputs of `data/runs/` are in git, and they are all a fresh clone's stages
+    read of the teacher: the report reads its metrics and history (`run_metrics("dense")`), not only its model
+    (a clone that lacked them failed in the report stage after 46 min of training)."""
+    listed = subprocess.run(["git", "ls-files", "data/runs"], cwd=ROOT, capture_output=True, text=True, check=True)
+    tracked = listed.stdout.split()
+    outs = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["dense"]["outs"]
+    committed = [name for out in outs for name in out if name.startswith("data/runs/")]
+    assert set(committed) >= {"data/runs/dense/model", "data/runs/dense/metrics.json", "data/runs/dense/history.csv"}
+    for out in committed:
+        assert any(t == out or t.startswith(out + "/") for t in tracked), f"{out} is a committed output but not in git"
+    assert all(any(t == o or t.startswith(o + "/") for o in committed) for t in tracked), "a file in data/runs no stage writes"
+
+
 def notebook_groups(notebook: Path) -> set[str]:
     """The params.yaml groups a notebook reads: the keywords of its `study_params(...)` calls."""
     cells = json.loads(notebook.read_text())["cells"]
