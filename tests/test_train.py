@@ -697,3 +697,18 @@ def test_a_named_timm_vit_gets_the_datasets_channels():
     model_cfg = hiap_core.train.config.ModelConfig(name="vit_tiny_patch16_224", img_size=32, in_chans=1, num_classes=10)
     model = engine.build_dense_model(RunConfig(method="dense", model=model_cfg))  # 16-px patches tile 32, not 28
     assert model.patch_embed.proj.in_channels == 1
+
+
+def test_a_budget_exact_run_off_its_target_says_so_loudly_and_marks_its_metrics(capsys):
+    """The landing check the engine runs at the end of every budget-exact run (a 5% miss; tolerance 0.5%)."""
+    from types import SimpleNamespace
+
+    cfg = tiny_cfg("hiap", "unused", teacher="t", target_macs=0.5)
+    trainer = SimpleNamespace(cfg=cfg, out=Path("runs/b50"), _log=print)
+    missed = {"cost_fraction": 0.525, "target_fraction": 0.5, "unit": "MACs"}
+    engine.Trainer._check_landed(trainer, missed)
+    assert missed["missed_target"] is True
+    assert "WARNING [b50]: missed its budget: 0.5250 of dense MACs against a target of 0.5000" in capsys.readouterr().out
+    landed = {"cost_fraction": 0.501, "target_fraction": 0.5, "unit": "MACs"}
+    engine.Trainer._check_landed(trainer, landed)
+    assert landed["missed_target"] is False and capsys.readouterr().out == ""
