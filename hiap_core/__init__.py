@@ -36,8 +36,9 @@ from .core.gated_vit import (
 )
 from .core.gates import GumbelSigmoidGate
 from .core.losses import cost_penalties, feasibility_penalty, kd_loss, temperature_at
+from .core.inference import InferenceModel, optimize_for_inference
 from .core.models import cifar_vit_tiny
-from .core.pruned import PrunedViT, count_params, load_pruned, save_pruned, set_fused_attention
+from .core.pruned import PrunedViT, count_params, load_pruned, save_pruned, set_fused_attention, set_padded_attention
 from .core.pruner import Pruner, param_groups
 from .core.spec import LayerSpec, ViTSpec
 
@@ -47,6 +48,7 @@ __all__ = [
     "GatedAttention",
     "GatedMlp",
     "GumbelSigmoidGate",
+    "InferenceModel",
     "LayerSpec",
     "PrunedViT",
     "Pruner",
@@ -72,12 +74,14 @@ __all__ = [
     "kd_loss",
     "load_cost_table",
     "load_pruned",
+    "optimize_for_inference",
     "param_groups",
     "prune_to_target",
     "round_to_budget",
     "save_pruned",
     "set_fused_attention",
     "set_gate_state",
+    "set_padded_attention",
     "set_temperature",
     "spec_cost",
     "structure_summary",

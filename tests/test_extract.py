@@ -13,11 +13,12 @@ from conftest import TINY_VARIANTS, cifar_vit_tiny, gate_states, gated_copy, mak
 @given(data=st.data())
 def test_extracted_model_equals_hardened_gated_model_and_survives_save_load(data, tmp_path_factory):
     variant = data.draw(st.sampled_from(sorted(TINY_VARIANTS)))
-    fused = data.draw(st.booleans())
+    fused, padded = data.draw(st.booleans()), data.draw(st.booleans())
     gated = gated_copy(make_vit(**TINY_VARIANTS[variant]))
     hiap_core.set_gate_state(gated, data.draw(gate_states(depth=2, heads=3, head_dim=8, hidden=48)))
     pruned = hiap_core.extract(gated)
     hiap_core.set_fused_attention(pruned, fused)
+    hiap_core.set_padded_attention(pruned, padded)  # the padded layout (one attention call per layer) agrees too
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         reference = gated(x)
@@ -25,6 +26,7 @@ def test_extracted_model_equals_hardened_gated_model_and_survives_save_load(data
         assert (out - reference).abs().max() <= 1e-5
         loaded = hiap_core.load_pruned(hiap_core.save_pruned(pruned, tmp_path_factory.mktemp("pruned")))
         hiap_core.set_fused_attention(loaded, fused)
+        hiap_core.set_padded_attention(loaded, padded)
         assert torch.equal(loaded(x), out)
     assert not any(p.requires_grad is False for p in pruned.parameters())
     assert sum(p.numel() for p in pruned.parameters()) == hiap_core.count_params(hiap_core.describe(gated))

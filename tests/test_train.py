@@ -284,7 +284,8 @@ def test_a_refused_run_leaves_no_empty_folder_and_a_killed_write_no_temporary(de
 
 @needs_fashion
 def test_nan_loss_stops_with_a_clear_message_keeping_the_checkpoint(dense_run, tmp_path, monkeypatch):
-    cfg = tiny_cfg("hiap", tmp_path, teacher=str(dense_run[0]))
+    out = tmp_path / "fresh"  # created by the run: a failure after writing keeps it, lock file included
+    cfg = tiny_cfg("hiap", out, teacher=str(dense_run[0]))
     original, calls = engine.step_loss, []
 
     def poisoned(*args):
@@ -297,7 +298,8 @@ def test_nan_loss_stops_with_a_clear_message_keeping_the_checkpoint(dense_run, t
     monkeypatch.setattr(engine, "step_loss", poisoned)
     with pytest.raises(engine.TrainingDiverged, match="non-finite loss at epoch 2.*checkpoint.*is kept"):
         engine.train(cfg)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert (out / engine.LOCK_FILE).is_file()  # another process may be waiting on that file: it stays
 
 
 def cli(args, **kwargs):

@@ -49,9 +49,14 @@ class LayerScale(nn.Module):
 
 
 class PrunedAttention(nn.Module):
-    """Heads of one layer may keep different value widths: the Q/K products of all heads run as one batched
-    matmul, then each head's attention weights multiply its own V columns (no padding, so the executed MACs
-    are the analytic count).
+    """Heads of one layer may keep different value widths. Two layouts compute the same outputs:
+
+    - per head (the default, `pad_values = False`): the Q/K products of all heads run as one batched matmul,
+      then each head's attention weights multiply its own V columns; no padding, so the executed MACs are
+      the analytic count. Fastest eager on CPU (reports/benchmarks/core.json).
+    - padded (`pad_values = True`, `set_padded_attention`): each head's V is padded with zero columns to a
+      common width inside the attention product only, so one fused `scaled_dot_product_attention` serves the
+      layer (one kernel instead of one per head: what a launch-bound GPU wants); `qkv` and `proj` stay narrow.
 
     `qkv` produces [Q of all heads | K of all heads | V of all heads, head after head].
     """
@@ -68,6 +73,12 @@ class PrunedAttention(nn.Module):
         self.values_as_wide_as_qk = all(width == self.head_dim for width in value_dims)
         ends = list(itertools.accumulate(value_dims))
         self.value_columns = list(zip([0] + ends[:-1], ends))  # each head's [start, end) in V
+        self.pad_values = False
+        self.padded_width = max(self.head_dim, *value_dims)  # as wide as Q/K: CPU's fused kernel needs it
+        padded, kept = padded_value_columns(value_dims, self.padded_width)
+        # Not in the state dict (saved files stay as they are); buffers so that .to(device) moves them.
+        self.register_buffer("padded_columns", torch.tensor(padded), persistent=False)
+        self.register_buffer("kept_columns", torch.tensor(kept), persistent=False)
         self.qkv = nn.Linear(dim, self.qk_width + self.v_dim, bias=qkv_bias)
         self.proj = nn.Linear(self.v_dim, dim, bias=proj_bias)
 
@@ -80,11 +91,35 @@ class PrunedAttention(nn.Module):
             v = v.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.sdpa_scale)
             return self.proj(out.transpose(1, 2).reshape(B, N, self.v_dim))
+        if self.pad_values:
+            return self.proj(self._padded_attention(q, k, v))
         # Scaling the scores in place, rather than q, saves an allocation (A/B: faster at batch 64, within noise at batch 1).
         attn = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1)  # (B, H, N, N)
         # Per head (B, N, N) @ (B, N, width) on strided views: no reshapes, no copies, no grouping by width.
         outs = [attn[:, h] @ v[..., start:end] for h, (start, end) in enumerate(self.value_columns)]
         return self.proj(outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1))
+
+    def _padded_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, N, _ = v.shape
+        # One gather builds the padded V: column v_dim of the padded input is the zero column.
+        v = F.pad(v, (0, 1)).index_select(-1, self.padded_columns).view(B, N, self.num_heads, self.padded_width)
+        v = v.transpose(1, 2)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = (q @ k.transpose(-2, -1)).mul_(self.scale).softmax(dim=-1) @ v
+        return out.transpose(1, 2).reshape(B, N, -1).index_select(-1, self.kept_columns)
+
+
+def padded_value_columns(value_dims: tuple[int, ...], width: int) -> tuple[list[int], list[int]]:
+    """For V padded to `width` per head: the V column each padded slot reads (sum(value_dims): a zero
+    column), and the padded output slots that hold real columns, in V's order."""
+    padded, kept, start = [], [], 0
+    for head, value_dim in enumerate(value_dims):
+        padded += [start + i if i < value_dim else sum(value_dims) for i in range(width)]
+        kept += [head * width + i for i in range(value_dim)]
+        start += value_dim
+    return padded, kept
 
 
 class PrunedMlp(nn.Module):
@@ -183,6 +218,14 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> None:
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = enabled
+
+
+def set_padded_attention(model: nn.Module, enabled: bool) -> None:
+    """Switch every attention of an extracted model between the per-head and the padded layout
+    (`PrunedAttention`); both give the same outputs, the padded one executes more MACs in fewer kernels."""
+    for module in model.modules():
+        if isinstance(module, PrunedAttention):
+            module.pad_values = enabled
 
 
 def save_pruned(model: PrunedViT, path: str | os.PathLike) -> Path:

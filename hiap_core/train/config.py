@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the field."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (torch and timm write pages), else its type."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
 # The dataclass defaults are params.yaml's values (`data`, `model`, the `dense` stage's optimiser and the `hiap`
 # group; tests/test_train.py keeps them equal): a params file that leaves a key out trains as the study does.
 
@@ -322,9 +327,8 @@ def _not_gateable(m) -> str | None:
             )
         describe(model)  # checks it (check_vit) and its sizes (an image size its patches do not tile)
     except Exception as err:  # a ResNet takes no img_size (TypeError); other models assert on their own sizes
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         return (
-            f"cannot be pruned by hiap_core with this model config ({first}): "
+            f"cannot be pruned by hiap_core with this model config ({first_line(err)}): "
             "it takes timm VisionTransformers whose patches tile model.img_size"
         )
     return None

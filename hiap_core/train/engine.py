@@ -43,7 +43,7 @@ from ..core.gated_vit import gate_parameters, gate_vit
 from ..core.losses import kd_loss
 from ..core.pruned import WEIGHTS_FILE, load_pruned, save_pruned
 from ..core.pruner import Pruner, param_groups
-from .config import ConfigError, RunConfig, read_by
+from .config import ConfigError, RunConfig, first_line, read_by
 from .data import build_loaders, load_teacher_logits
 
 
@@ -163,9 +163,8 @@ def build_dense_model(cfg: RunConfig) -> nn.Module:
         try:
             timm.models.load_checkpoint(model, str(path), strict=True)
         except Exception as err:  # torch and timm raise many types for a foreign or truncated file
-            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise ConfigError(
-                f"model.pretrained = {m.pretrained!r} cannot be loaded into {m.name} ({first[:200]}): it must be a "
+                f"model.pretrained = {m.pretrained!r} cannot be loaded into {m.name} ({first_line(err)[:200]}): it must be a "
                 "timm state dict of this model (.pth or .safetensors), not a training checkpoint.pt (a run's teacher "
                 "is its folder: teacher = RUN_FOLDER)"
             ) from err
@@ -422,9 +421,11 @@ class Trainer:
         try:
             return self._run_locked()
         except BaseException:
-            if created:  # a refused config (or a run that failed before writing anything) leaves no empty folder
-                (self.out / LOCK_FILE).unlink(missing_ok=True)
-                with contextlib.suppress(OSError):  # not empty: something was written, keep it
+            # a refused config (or a run that failed before writing anything) leaves no folder; one that wrote
+            # something keeps it, lock file included (another process may be waiting on that very file)
+            if created and self.out.is_dir() and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+                (self.out / LOCK_FILE).unlink()
+                with contextlib.suppress(OSError):  # another process wrote into it meanwhile: keep it
                     self.out.rmdir()
             raise
 
