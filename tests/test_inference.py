@@ -30,12 +30,16 @@ def test_the_optimized_extracted_model_matches_eager_at_the_example_shape_and_an
     x, other = torch.randn(4, 3, 16, 16), torch.randn(2, 3, 16, 16)
     with torch.inference_mode():
         eager_x, eager_other = model(x), model(other)
+    model.train()  # the caller's model is left as it was: mode and layout
     optimized = hiap_core.optimize_for_inference(model, x, attention_layout=layout)
+    assert model.training and not any(getattr(m, "pad_values", False) for m in model.modules())
+    model.eval()
     assert optimized.attention_layout == "padded" if layout == "padded" else optimized.attention_layout in ("per_head", "padded")
     assert optimized.max_abs_diff <= optimized.tolerance == inference.TOLERANCE[torch.float32]
     torch.testing.assert_close(optimized(x), eager_x, rtol=0, atol=1e-4)
     torch.testing.assert_close(optimized(other), eager_other, rtol=0, atol=1e-4)  # another batch: recompiled
     assert optimized.state_dict().keys() == {f"model.{k}" for k in model.state_dict()}
+    assert not optimized.model.training
 
 
 def test_a_dense_timm_model_is_optimized_too_and_has_no_layout_to_choose():
@@ -50,6 +54,15 @@ def test_a_dense_timm_model_is_optimized_too_and_has_no_layout_to_choose():
 def test_a_compiled_model_outside_the_tolerance_is_refused(monkeypatch):
     monkeypatch.setitem(inference.TOLERANCE, torch.float32, -1.0)  # no difference passes: the check must refuse
     with pytest.raises(RuntimeError, match="differs from eager"):
+        hiap_core.optimize_for_inference(make_vit(), torch.randn(1, 3, 16, 16))
+
+
+def test_a_machine_where_compilation_fails_gets_one_clear_error(monkeypatch):
+    def no_compiler(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(no_compiler, RuntimeError("Compiler: cc is not found"), None)
+
+    monkeypatch.setattr(torch, "compile", lambda model, **options: no_compiler)
+    with pytest.raises(RuntimeError, match="torch.compile failed on this machine.*C\\+\\+ compiler"):
         hiap_core.optimize_for_inference(make_vit(), torch.randn(1, 3, 16, 16))
 
 

@@ -11,6 +11,7 @@ device, input shape and dtype, checked against eager on the example batch before
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -76,15 +77,16 @@ def _choose_layout(model: nn.Module, x: torch.Tensor, attention_layout: str) -> 
 
 
 def optimize_for_inference(model: nn.Module, example_batch: torch.Tensor, attention_layout: str = "auto") -> InferenceModel:
-    """`model` (put in eval mode) compiled for `example_batch`'s device, shape and dtype; other shapes
-    recompile on first use. The weights are folded in: optimize again after changing them.
+    """A copy of `model` in eval mode, compiled for `example_batch`'s device, shape and dtype (`model` itself is
+    left as it was); other shapes recompile on first use. The weights are folded in: optimize again after
+    changing them.
 
     The compiled model's output on `example_batch` must match eager within `TOLERANCE` (by dtype), else a
     RuntimeError is raised; the measured difference is kept as `.max_abs_diff`, the layout as `.attention_layout`.
     """
     if not isinstance(example_batch, torch.Tensor) or example_batch.dim() != 4:
         raise ValueError("example_batch must be a (batch, channels, height, width) tensor of images, on the model's device")
-    model.eval()
+    model = copy.deepcopy(model).eval()
     layout = _choose_layout(model, example_batch, attention_layout)
     with torch.inference_mode():
         reference = model(example_batch)
@@ -96,8 +98,15 @@ def optimize_for_inference(model: nn.Module, example_batch: torch.Tensor, attent
         compiled = torch.compile(model, dynamic=False, options={"freezing": True})
     tolerance = TOLERANCE.get(reference.dtype, TOLERANCE[torch.float32])
     optimized = InferenceModel(model, compiled, layout, float("nan"), tolerance)
-    for _ in range(2):  # the first call compiles; CUDA graphs record on a later one
-        out = optimized(example_batch)
+    try:
+        for _ in range(2):  # the first call compiles; CUDA graphs record on a later one
+            out = optimized(example_batch)
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        reason = (str(err) or type(err).__name__).splitlines()[0][:200]
+        raise RuntimeError(
+            f"torch.compile failed on this machine ({reason}): on CPU it needs a C++ compiler (gcc or clang on PATH); "
+            "use the eager model meanwhile"
+        ) from err
     diff = float((out.float() - reference.float()).abs().max())
     scale = max(1.0, float(reference.float().abs().max()))
     if not diff <= tolerance * scale:
