@@ -396,8 +396,8 @@ PARAMS_SCHEMA = {
         "ratios": {"*": _leaves("lambda_macro", "lambda_micro", "target_macs")},
     },
     "gate_evolution": _leaves("run", "compare_with"),
-    "latency": _leaves("batch1_runs", "batch64_runs", "versus_runs", "threads"),
-    "bench": _leaves("threads", "train_batch", "train_rounds", "batch1_runs", "batch64_runs"),
+    "latency": _leaves("batch1_runs", "batch64_runs", "versus_runs", "threads", "optimize"),
+    "bench": _leaves("threads", "train_batch", "train_rounds", "batch1_runs", "batch64_runs", "macs_fractions", "optimize"),
     "imagenet": {
         **_leaves("enabled", "nproc_per_node"),
         "data": _leaves(*_names(DataConfig)),

@@ -67,10 +67,11 @@ PROFILES = {
                 }
             ),
         },
-        "latency": {"batch1_runs": 3, "batch64_runs": 2, "versus_runs": 2},
+        # compiling every study model at each batch would double the smoke run: tests/test_latency.py covers it
+        "latency": {"batch1_runs": 3, "batch64_runs": 2, "versus_runs": 2, "optimize": False},
         "cost_table": {"fit_models": 8, "eval_models": 3, "runs": 2},
         "latency_target": {"target": 1.0},  # any lower target may fall below a tiny model's measured floor
-        "bench": {"train_batch": 16, "train_rounds": 1, "batch1_runs": 3, "batch64_runs": 2},
+        "bench": {"train_batch": 16, "train_rounds": 1, "batch1_runs": 3, "batch64_runs": 2, "macs_fractions": [0.5]},
     },
 }
 
