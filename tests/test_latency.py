@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_vit
+from conftest import flop_counter_macs, gate_states, gated_copy, make_vit
 from hypothesis import given, strategies as st
 
 import hiap_core
 from hiap_core.measure import cost_table as latency
+from hiap_core.measure.states import random_feasible_state
 
 
 def synthetic_samples(coefficients: dict, n: int, seed: int = 0) -> pd.DataFrame:
@@ -89,11 +90,11 @@ def test_the_benchmark_floor_is_the_model_with_nothing_prunable_and_bounds_the_e
     import copy
 
     from hiap_core.core.cost import static_macs
-    from hiap_core.measure import bench
+    from hiap_core.measure import bench, states
 
     dense = make_vit().eval()
     gated = hiap_core.gate_vit(copy.deepcopy(dense)).eval()
-    hiap_core.set_gate_state(gated, bench.empty_state(gated))
+    hiap_core.set_gate_state(gated, states.empty_state(gated))
     floor = hiap_core.extract(gated)
     assert hiap_core.count_macs(floor) == static_macs(hiap_core.describe(dense))
     x = torch.randn(3, 3, 16, 16)
@@ -101,3 +102,32 @@ def test_the_benchmark_floor_is_the_model_with_nothing_prunable_and_bounds_the_e
     assert bench.best_efficiency(1.0, 0.02, 0.1) == pytest.approx(1.0)  # dense: nothing gained, nothing lost
     assert bench.best_efficiency(0.56, 0.02, 0.0) == pytest.approx(0.56 / (0.54 / 0.98))  # no floor time: MACs alone
     assert bench.best_efficiency(0.56, 0.02, 0.189) < bench.best_efficiency(0.56, 0.02, 0.089) < 1
+
+
+@given(state=gate_states(depth=2, heads=3, head_dim=8, hidden=48), padded=st.booleans())
+def test_the_executed_macs_of_either_attention_layout_equal_an_independent_count(state, padded):
+    """`count_macs` stays the model's own MACs; the benchmark's executed count adds what the padded layout
+    multiplies by its zero columns, and both equal FlopCounterMode's count of that layout's forward."""
+    from hiap_core.measure import bench
+
+    gated = gated_copy(make_vit())
+    hiap_core.set_gate_state(gated, state)
+    pruned = hiap_core.extract(gated)
+    own = hiap_core.count_macs(pruned)
+    hiap_core.set_padded_attention(pruned, padded)
+    assert bench.executed_macs(pruned) == flop_counter_macs(pruned, (16, 16))
+    assert hiap_core.count_macs(pruned) == own <= bench.executed_macs(pruned)
+
+
+def test_the_latency_table_times_optimized_models_beside_eager_ones():
+    from hiap_core.report import latency as report_latency
+
+    dense = hiap_core.extract(gated_copy(make_vit()))
+    gated = gated_copy(make_vit())
+    hiap_core.set_gate_state(gated, random_feasible_state(gated, 0.5))
+    models = {"dense": dense, "pruned": hiap_core.extract(gated)}
+    table = report_latency.latency_table(models, None, {2: 2}, threads=2, optimize=True)
+    assert list(table["run"]) == ["dense", "pruned"]
+    assert (table["optimized_max_abs_diff"] <= 1e-4).all() and (table["optimized_speedup"] > 0).all()
+    assert table.loc[0, "optimized_layout"] == "n/a" and table.loc[1, "optimized_layout"] in ("per_head", "padded")
+    np.testing.assert_allclose(table["optimized_speedup_over_mac_ratio"], table["optimized_speedup"] / table["mac_ratio"])

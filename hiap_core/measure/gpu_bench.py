@@ -5,18 +5,24 @@
   gates search (plus the gates, penalties and budget control) and once they are frozen, for the CIFAR
   ViT-Tiny at batch 128 and 512 and DeiT-S at 256 (halved until it fits), with the evaluation forward and
   the in-memory loader (synthetic CIFAR-shaped images, crop and flip, pinned, copied to the device).
-- Inference, images/s, bf16: a model extracted at ~50% of dense MACs (random feasible gate state) vs
-  dense, at batch 1, 64 and 256.
-- The wall time of the `paper` profile estimated from these figures (the formula is in the JSON).
+- Inference, images/s, bf16 weights and inputs: models extracted at 67% and 50% of dense MACs (random
+  feasible gate states) vs dense, ViT-Tiny and DeiT-S at batch 1, 64 and 256, eager (per-head and padded
+  attention) and through `optimize_for_inference` (CUDA graphs), dense optimized too.
+- `onnx`: the same models on the CPU, fp32, PyTorch beside ONNX Runtime (skipped where onnxruntime is
+  not installed); `study`: the study's extracted HiAP models vs its dense one at batch 1 (data/runs, where
+  present), beside the paper's 1.44x.
+- The wall time of the `paper` profile estimated from the training figures (the formula is in the JSON).
 
 It imports only torch, timm, pandas, safetensors, tqdm (and PyYAML, which timm requires), so it runs on a
-bare GPU machine without dvc or papermill. `--tiny`: a small ViT at small batches (the CPU test).
+bare GPU machine without dvc or papermill; the `onnx` part also needs onnxruntime and onnxscript.
+`--parts` picks what to measure; `--tiny`: a small ViT at small batches (the CPU test).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import sys
@@ -24,12 +30,15 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
 
 from ..core.cost import count_macs
 from ..core.extract import extract
 from ..core.files import atomic_write
 from ..core.gated_vit import gate_vit, set_gate_state
+from ..core.inference import optimize_for_inference
 from ..core.models import cifar_vit_tiny
+from ..core.pruned import load_pruned, set_padded_attention
 from ..core.pruner import Pruner
 from ..train.config import RunConfig, cli, config_from_params, load_params
 from ..train.data import CROP_PADDING, NORMALIZATION, ArrayDataset, TensorLoader
@@ -43,6 +52,9 @@ from .states import random_feasible_state
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 CIFAR_TRAIN_IMAGES, CIFAR_TEST_IMAGES = 50_000, 10_000
 HIAP_TARGET = 0.5  # the study's HiAP runs are budget-exact: the controller's per-step work is timed too
+INFERENCE_FRACTIONS = (0.67, 0.50)  # extracted at 33% and 50% MACs cuts
+PAPER_BATCH1_SPEEDUP = 1.44  # the paper's DeiT-S extracted at 33% fewer MACs, batch 1
+PARTS = ("training", "inference", "onnx", "study")
 
 
 def _deit_small() -> torch.nn.Module:
@@ -60,9 +72,10 @@ def _tiny_vit() -> torch.nn.Module:
 # name: (builder, image side, training batches, inference batches)
 WORKLOADS = {
     "cifar_vit_tiny": (cifar_vit_tiny, 32, (128, 512), (1, 64, 256)),
-    "deit_small_patch16_224": (_deit_small, 224, (256,), ()),
+    "deit_small_patch16_224": (_deit_small, 224, (256,), (1, 64, 256)),
 }
-TINY_WORKLOADS = {"tiny_vit": (_tiny_vit, 16, (4, 8), (1, 4, 8))}
+TINY_WORKLOADS = {"tiny_vit": (_tiny_vit, 16, (4, 8), (1, 4))}
+TINY_FRACTIONS = (0.5,)  # each extracted model compiles at each batch: the CPU test keeps to one
 
 
 def _synchronize(device: torch.device) -> None:
@@ -144,42 +157,124 @@ def bench_training(workloads: dict, device: torch.device, seconds: float) -> lis
     return rows
 
 
-def bench_inference(workloads: dict, device: torch.device, seconds: float, macs_fraction: float = 0.5) -> list[dict]:
-    """Images/s of an extracted model at ~`macs_fraction` of dense MACs vs dense, bf16 autocast."""
+def extracted_models(build, fractions: tuple[float, ...]) -> tuple[torch.nn.Module, dict[float, torch.nn.Module]]:
+    """A dense model (random weights) and one model extracted from it at each MACs fraction (random feasible
+    gate states), in eval mode on the CPU."""
+    torch.manual_seed(0)
+    dense = build().eval()
+    pruned = {}
+    for fraction in fractions:
+        gated = gate_vit(copy.deepcopy(dense)).eval()
+        set_gate_state(gated, random_feasible_state(gated, fraction))
+        pruned[fraction] = extract(gated)
+    return dense, pruned
+
+
+def _forward(model, x):
+    def run():
+        with torch.inference_mode():
+            model(x)
+
+    return run
+
+
+def bench_inference(workloads: dict, device: torch.device, seconds: float, fractions=INFERENCE_FRACTIONS) -> list[dict]:
+    """Images/s in bf16 (weights and inputs) of models extracted at each MACs fraction vs dense, eager in both
+    attention layouts and through `optimize_for_inference` (dense too: a fair comparison optimizes both)."""
     rows = []
     for name, (build, side, _, batches) in workloads.items():
-        if not batches:
-            continue
-        torch.manual_seed(0)
-        dense = build().eval()
-        gated = gate_vit(copy.deepcopy(dense)).eval()
-        set_gate_state(gated, random_feasible_state(gated, macs_fraction))
-        pruned = extract(gated).to(device).eval()
-        dense_macs, pruned_macs = count_macs(dense), count_macs(pruned)
-        dense = dense.to(device)
-        for batch in batches:
-            x = torch.randn(batch, 3, side, side, device=device)
+        dense, pruned = extracted_models(build, fractions)
+        macs = {"dense": count_macs(dense), **{f: count_macs(m) for f, m in pruned.items()}}
+        dense = dense.to(device, torch.bfloat16)
+        for batch in tqdm(batches, desc=f"{name} inference", disable=None):
+            x = torch.randn(batch, 3, side, side, device=device, dtype=torch.bfloat16)
+            optimized_dense = optimize_for_inference(dense, x)
+            dense_rates = [images_per_s(_forward(m, x), batch, device, seconds, max_iters=1000) for m in (dense, optimized_dense)]
+            for fraction, model in pruned.items():
+                model = model.to(device, torch.bfloat16)
+                padded = copy.deepcopy(model)
+                set_padded_attention(padded, True)
+                optimized = optimize_for_inference(model, x)
+                rates = [images_per_s(_forward(m, x), batch, device, seconds, max_iters=1000) for m in (model, padded, optimized)]
+                rows.append(
+                    {
+                        "model": name,
+                        "precision": "bf16",
+                        "batch": batch,
+                        "macs_fraction": macs[fraction] / macs["dense"],
+                        "dense_images_per_s": dense_rates[0],
+                        "extracted_images_per_s": rates[0],
+                        "padded_images_per_s": rates[1],
+                        "optimized_dense_images_per_s": dense_rates[1],
+                        "optimized_extracted_images_per_s": rates[2],
+                        "speedup": rates[0] / dense_rates[0],
+                        "padded_speedup": rates[1] / dense_rates[0],
+                        "optimized_speedup": rates[2] / dense_rates[1],
+                        "optimized_layout": optimized.attention_layout,
+                        "optimized_max_abs_diff": optimized.max_abs_diff,
+                    }
+                )
+    return rows
 
-            def forward(model):
-                def run():
-                    with torch.inference_mode(), autocast(torch.bfloat16, device):
-                        model(x)
 
-                return run
+def bench_onnx_cpu(workloads: dict, seconds: float, fractions=INFERENCE_FRACTIONS, batches=(1, 64)) -> list[dict]:
+    """Images/s on the CPU, fp32, of dense and extracted models in PyTorch (eager) and ONNX Runtime (each
+    export checked against PyTorch): the deployment runtime beside the framework."""
+    import tempfile
 
-            dense_rate = images_per_s(forward(dense), batch, device, seconds, max_iters=1000)
-            pruned_rate = images_per_s(forward(pruned), batch, device, seconds, max_iters=1000)
-            rows.append(
-                {
-                    "model": name,
-                    "precision": "bf16",
-                    "batch": batch,
-                    "macs_fraction": pruned_macs / dense_macs,
-                    "dense_images_per_s": dense_rate,
-                    "extracted_images_per_s": pruned_rate,
-                    "speedup": pruned_rate / dense_rate,
-                }
-            )
+    from ..core.export import INPUT, onnx_runtime
+
+    cpu, rows = torch.device("cpu"), []
+    for name, (build, side, _, inference_batches) in workloads.items():
+        dense, pruned = extracted_models(build, fractions)
+        dense = extract(gate_vit(dense).eval())  # the same model as a PrunedViT, which the ONNX export takes
+        with tempfile.TemporaryDirectory() as tmp:
+            sessions = {key: onnx_runtime(m, Path(tmp) / f"{key}.onnx")[0] for key, m in [("dense", dense), *pruned.items()]}
+        for batch in [b for b in batches if b <= max(inference_batches)]:
+            x = torch.randn(batch, 3, side, side)
+            feed = {INPUT: x.numpy()}
+            for key, model in [("dense", dense), *pruned.items()]:
+                session = sessions[key]
+                rows.append(
+                    {
+                        "model": name,
+                        "precision": "fp32",
+                        "batch": batch,
+                        "macs_fraction": 1.0 if key == "dense" else count_macs(model) / count_macs(dense),
+                        "pytorch_images_per_s": images_per_s(_forward(model, x), batch, cpu, seconds),
+                        "onnxruntime_images_per_s": images_per_s(lambda s=session: s.run(None, feed), batch, cpu, seconds),
+                    }
+                )
+    return rows
+
+
+def bench_study_models(device: torch.device, seconds: float, batch: int = 1) -> list[dict]:
+    """The study's extracted HiAP models (data/runs/hiap_*/model, where present) vs its dense model at
+    batch 1, bf16, eager and optimized: beside the paper's 1.44x at batch 1 for its 33% MACs cut."""
+    folders = sorted(RUNS.glob("hiap_*_s*/model"))
+    if not folders or not (RUNS / "dense" / "model").is_dir():
+        return []
+    dense = load_pruned(RUNS / "dense" / "model").to(device, torch.bfloat16)
+    x = torch.randn(batch, dense.spec.in_chans, *dense.spec.img_size, device=device, dtype=torch.bfloat16)
+    optimized_dense = optimize_for_inference(dense, x)
+    rows = []
+    for folder in tqdm(folders, desc="study models", disable=None):
+        model = load_pruned(folder).to(device, torch.bfloat16)
+        optimized = optimize_for_inference(model, x)
+        rates = [
+            images_per_s(_forward(m, x), batch, device, seconds, max_iters=1000)
+            for m in (dense, model, optimized_dense, optimized)
+        ]
+        rows.append(
+            {
+                "run": folder.parent.name,
+                "batch": batch,
+                "macs_fraction": count_macs(model) / count_macs(dense),
+                "speedup": rates[1] / rates[0],
+                "optimized_speedup": rates[3] / rates[2],
+                "paper_batch1_speedup_at_33pct_cut": PAPER_BATCH1_SPEEDUP,
+            }
+        )
     return rows
 
 
@@ -281,30 +376,55 @@ def _device_info(device: torch.device) -> dict:
     return info
 
 
-def run(device: torch.device, tiny: bool, budget_s: float) -> dict:
-    """Every measurement, in about `budget_s` seconds of timed calls (plus warmups and model builds)."""
+def _measure_count(workloads: dict, fractions: tuple[float, ...], parts: tuple[str, ...], estimate_model: str) -> int:
+    """How many figures `run` times (each for about the same number of seconds)."""
+    count = 0
+    for _, _, training_batches, inference_batches in workloads.values():
+        if "training" in parts:
+            count += 5 * len(PRECISIONS) * len(training_batches)  # 4 steps + eval
+        if "inference" in parts:
+            count += len(inference_batches) * (2 + 3 * len(fractions))
+        if "onnx" in parts:
+            count += 2 * 2 * (1 + len(fractions))
+    if "training" in parts:
+        count += len(workloads[estimate_model][2])  # the loader at each batch
+    return count + (4 * len(list(RUNS.glob("hiap_*_s*/model"))) if "study" in parts else 0)
+
+
+def run(device: torch.device, tiny: bool, budget_s: float, parts: tuple[str, ...] = PARTS) -> dict:
+    """The measurements of `parts`, in about `budget_s` seconds of timed calls (plus warmups, compilation
+    and model builds)."""
     import timm
 
     started = time.perf_counter()
     use_tensor_cores(device)
-    workloads = TINY_WORKLOADS if tiny else WORKLOADS
+    workloads, fractions = (TINY_WORKLOADS, TINY_FRACTIONS) if tiny else (WORKLOADS, INFERENCE_FRACTIONS)
     estimate_model = next(iter(workloads))  # the CIFAR ViT-Tiny: the model of the paper profile
-    per_workload = [5 * len(PRECISIONS) * len(w[2]) + 2 * len(w[3]) for w in workloads.values()]  # 4 steps + eval
-    seconds = budget_s / (sum(per_workload) + len(workloads[estimate_model][2]))  # + the loader at each batch
-    training = bench_training(workloads, device, seconds)
-    inference = bench_inference(workloads, device, seconds)
-    loader_batches = sorted({r["batch"] for r in training if r["model"] == estimate_model})
-    loader_rates = {batch: loader_images_per_s(batch, device, seconds) for batch in loader_batches}
-    return {
+    missing = [module for module in ("onnxruntime", "onnxscript") if importlib.util.find_spec(module) is None]
+    skipped = {"onnx": f"{' and '.join(missing)} not installed"} if "onnx" in parts and missing else {}
+    parts = tuple(part for part in parts if part not in skipped)
+    seconds = budget_s / max(1, _measure_count(workloads, fractions, parts, estimate_model))
+    result = {
         "device": _device_info(device),
         "timm": timm.__version__,
-        "settings": {"tiny": tiny, "budget_s": budget_s, "seconds_per_measure": seconds},
-        "training": training,
-        "loader": [{"batch": b, "images_per_s": rate} for b, rate in sorted(loader_rates.items())],
-        "inference": inference,
-        "paper_profile_estimate": paper_profile_estimate(training, loader_rates, estimate_model),
-        "wall_s": time.perf_counter() - started,
+        "settings": {"tiny": tiny, "budget_s": budget_s, "seconds_per_measure": seconds, "parts": list(parts)},
+        "skipped": skipped,
     }
+    if "training" in parts:
+        training = bench_training(workloads, device, seconds)
+        loader_batches = sorted({r["batch"] for r in training if r["model"] == estimate_model})
+        loader_rates = {batch: loader_images_per_s(batch, device, seconds) for batch in loader_batches}
+        result["training"] = training
+        result["loader"] = [{"batch": b, "images_per_s": rate} for b, rate in sorted(loader_rates.items())]
+        result["paper_profile_estimate"] = paper_profile_estimate(training, loader_rates, estimate_model)
+    if "inference" in parts:
+        result["inference"] = bench_inference(workloads, device, seconds, fractions)
+    if "onnx" in parts:
+        result["onnx_cpu"] = bench_onnx_cpu(workloads, seconds, fractions)
+    if "study" in parts:
+        result["study_models_batch1"] = bench_study_models(device, seconds)
+    result["wall_s"] = time.perf_counter() - started
+    return result
 
 
 def main(argv=None) -> dict:
@@ -313,6 +433,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="a small ViT at small batches: tries the benchmark on a CPU")
     parser.add_argument("--out", type=Path, help="default reports/benchmarks/gpu.json (a CPU run must name its own)")
     parser.add_argument("--budget-s", type=float, default=120.0, help="seconds of timed calls in all (default 120)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (default: all)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU here; try the benchmark with --device cpu --tiny --out FILE")
@@ -321,7 +442,7 @@ def main(argv=None) -> dict:
     if not (math.isfinite(args.budget_s) and args.budget_s > 0):
         parser.error(f"--budget-s {args.budget_s}: must be a number of seconds > 0")
     out = args.out or REPORTS / "benchmarks" / "gpu.json"
-    result = run(torch.device(args.device), args.tiny, args.budget_s)
+    result = run(torch.device(args.device), args.tiny, args.budget_s, tuple(args.parts))
     atomic_write(out, lambda p: p.write_text(json.dumps(result, indent=2, allow_nan=False)))
     print(json.dumps(result, indent=2))
     return result

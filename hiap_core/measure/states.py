@@ -11,6 +11,12 @@ from ..core.describe import describe
 from ..core.gated_vit import gated_blocks, set_gate_state
 
 
+def empty_state(gated: nn.Module) -> list[dict]:
+    """Every head and FFN removed: what remains (patch embedding, LayerNorms of nothing, residual adds of
+    biases, the head) is the time no pruning can take away."""
+    return [{"heads": torch.zeros(a.num_heads, dtype=torch.bool), "ffn": torch.tensor(False)} for a, _ in gated_blocks(gated)]
+
+
 def random_feasible_state(gated: nn.Module, macs_fraction: float, seed: int = 0) -> list[dict]:
     """A random gate state whose hard MACs are `macs_fraction` of dense (within 0.5%), keeping at least one
     head with one value dim per layer. One uniform draw per unit; a unit is kept iff its draw < r, and

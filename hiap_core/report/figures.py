@@ -216,7 +216,10 @@ def cost_table_plot(samples: pd.DataFrame, table: dict):
 
 
 def latency_plot(table: pd.DataFrame):
-    long = table.melt(id_vars=["run", "batch"], value_vars=["speedup", "mac_ratio"], var_name="measure", value_name="x")
+    """Speedup over dense (eager PyTorch; optimized vs optimized dense and onnxruntime where measured) beside
+    the MACs ratio, per run and batch."""
+    measures = [c for c in ("speedup", "optimized_speedup", "ort_speedup", "mac_ratio") if c in table]
+    long = table.melt(id_vars=["run", "batch"], value_vars=measures, var_name="measure", value_name="x")
     grid = sns.catplot(data=long, x="run", y="x", hue="measure", col="batch", kind="bar", height=3.8, aspect=1.4, sharey=False)
     grid.set_xticklabels(rotation=30, ha="right")
     grid.set_axis_labels("", "x faster than dense")

@@ -13,6 +13,7 @@ from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywid
 
 from ..core.cost import count_macs
 from ..core.export import INPUT as ONNX_INPUT, onnx_runtime
+from ..core.inference import optimize_for_inference
 from ..core.pruned import PrunedViT, load_pruned
 from ..measure.cost_table import predict_ms
 from ..measure.timing import alternate
@@ -40,19 +41,28 @@ def onnx_runtimes(models: dict[str, PrunedViT], threads: int = 2) -> dict[str, t
 
 
 def latency_table(
-    models: dict[str, PrunedViT], runtimes: dict[str, tuple] | None, batches: dict[int, int], threads: int = 2
+    models: dict[str, PrunedViT],
+    runtimes: dict[str, tuple] | None,
+    batches: dict[int, int],
+    threads: int = 2,
+    optimize: bool = False,
 ) -> pd.DataFrame:
     """Median latency of each extracted model vs the `dense` one, measured alternately, in PyTorch and (with
-    `runtimes` from `onnx_runtimes`) in onnxruntime, with the ONNX export's largest difference from PyTorch."""
+    `runtimes` from `onnx_runtimes`) in onnxruntime, with the ONNX export's largest difference from PyTorch;
+    with `optimize`, also both through `optimize_for_inference` (compiled for each batch)."""
     torch.set_num_threads(threads)
     dense = models["dense"]
     rows = []
     for batch, runs in batches.items():
         x = torch.randn(batch, dense.spec.in_chans, *dense.spec.img_size)
         feed = {ONNX_INPUT: x.numpy()}
+        optimized_dense = optimize_for_inference(dense, x) if optimize else None  # a fair comparison optimizes both
         for name, model in tqdm(models.items(), desc=f"latency, batch {batch}", leave=False, disable=None):
+            fns = {"dense": dense, "model": model}
+            if optimize:
+                fns.update(optimized_dense=optimized_dense, optimized_model=optimize_for_inference(model, x))
             with torch.inference_mode():
-                ms = _median_ms(alternate({"dense": lambda: dense(x), "model": lambda m=model: m(x)}, runs, warmup=3))
+                ms = _median_ms(alternate({key: lambda m=m: m(x) for key, m in fns.items()}, runs, warmup=3))
             mac_ratio = count_macs(dense) / count_macs(model)
             row = {
                 "run": name,
@@ -64,21 +74,27 @@ def latency_table(
                 "mac_ratio": mac_ratio,
                 "speedup_over_mac_ratio": ms["dense"] / ms["model"] / mac_ratio,
             }
+            if optimize:
+                speedup = ms["optimized_dense"] / ms["optimized_model"]
+                row.update(
+                    optimized_dense_ms=ms["optimized_dense"],
+                    optimized_model_ms=ms["optimized_model"],
+                    optimized_speedup=speedup,
+                    optimized_speedup_over_mac_ratio=speedup / mac_ratio,
+                    optimized_over_eager=ms["model"] / ms["optimized_model"],
+                    optimized_layout=fns["optimized_model"].attention_layout,
+                    optimized_max_abs_diff=fns["optimized_model"].max_abs_diff,
+                )
             if runtimes:  # timed apart from PyTorch: the two runtimes' thread pools do not share the cores well
                 (dense_session, _), (session, diff) = runtimes["dense"], runtimes[name]
-                ms.update(
-                    _median_ms(
-                        alternate(
-                            {"ort_dense": lambda: dense_session.run(None, feed), "ort_model": lambda: session.run(None, feed)},
-                            runs,
-                            warmup=3,
-                        )
-                    )
+                ort = alternate(
+                    {"dense": lambda: dense_session.run(None, feed), "model": lambda s=session: s.run(None, feed)}, runs, warmup=3
                 )
+                ort_ms = _median_ms(ort)
                 row.update(
-                    ort_dense_ms=ms["ort_dense"],
-                    ort_model_ms=ms["ort_model"],
-                    ort_speedup=ms["ort_dense"] / ms["ort_model"],
+                    ort_dense_ms=ort_ms["dense"],
+                    ort_model_ms=ort_ms["model"],
+                    ort_speedup=ort_ms["dense"] / ort_ms["model"],
                     onnx_max_abs_diff=diff,
                 )
             rows.append(row)
