@@ -50,7 +50,8 @@ grid: venv data
 bench: venv data
 	$(PY) -m hiap_core.measure.bench
 
-# On a GPU machine: needs only torch (CUDA), timm, pandas, safetensors and tqdm, not the venv (PYTHON=python).
+# On a GPU machine: needs only torch (CUDA), timm, pandas, safetensors and tqdm, not the venv (PYTHON=python);
+# its ONNX Runtime part runs where onnxruntime and onnxscript are installed, and is skipped (said in the JSON) elsewhere.
 bench-gpu:
 	$(PYTHON) -m hiap_core.measure.gpu_bench --out reports/benchmarks/gpu.json
 
