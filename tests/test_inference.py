@@ -62,7 +62,7 @@ def test_a_machine_where_compilation_fails_gets_one_clear_error(monkeypatch):
         raise torch._dynamo.exc.BackendCompilerFailed(no_compiler, RuntimeError("Compiler: cc is not found"), None)
 
     monkeypatch.setattr(torch, "compile", lambda model, **options: no_compiler)
-    with pytest.raises(RuntimeError, match="torch.compile failed on this machine.*C\\+\\+ compiler"):
+    with pytest.raises(RuntimeError, match="torch.compile failed on this machine \\(Compiler: cc is not found\\).*C\\+\\+"):
         hiap_core.optimize_for_inference(make_vit(), torch.randn(1, 3, 16, 16))
 
 
@@ -74,9 +74,30 @@ def test_bad_arguments_are_one_clear_error():
         hiap_core.optimize_for_inference(model, torch.randn(3, 16, 16))
 
 
-def test_a_chosen_layout_is_the_one_the_model_is_left_in():
+def test_auto_compiles_both_layouts_and_an_explicit_layout_is_kept():
     model = mixed_width_model()
-    assert inference.faster_layout(model, torch.randn(2, 3, 16, 16), rounds=3) in ("per_head", "padded")
-    for layout in ("per_head", "padded"):
-        assert inference._choose_layout(model, torch.randn(2, 3, 16, 16), layout) == layout
-        assert all(m.pad_values == (layout == "padded") for m in model.modules() if hasattr(m, "pad_values"))
+    assert inference._layouts(model, "auto") == ["per_head", "padded"]
+    assert inference._layouts(make_vit(), "auto") == ["n/a"]
+    optimized = hiap_core.optimize_for_inference(model, torch.randn(2, 3, 16, 16), attention_layout="per_head")
+    assert optimized.attention_layout == "per_head"
+    assert not any(m.pad_values for m in optimized.model.modules() if isinstance(m, hiap_core.core.pruned.PrunedAttention))
+
+
+def test_models_of_the_same_shapes_with_other_weights_each_give_their_own_outputs():
+    """Frozen weights are constants of the compiled code: two models alike in shape must not share it."""
+    x = torch.randn(2, 3, 16, 16)
+    first, second = make_vit(seed=0), make_vit(seed=1)
+    optimized = [hiap_core.optimize_for_inference(m, x) for m in (first, second)]
+    with torch.inference_mode():
+        for model, fast in zip((first, second), optimized):
+            torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-4)
+
+
+def test_on_cpu_the_weights_are_folded_into_the_compiled_code():
+    """Freezing is on: weights changed after optimizing do not reach the compiled model (hence: optimize again)."""
+    x = torch.randn(2, 3, 16, 16)
+    optimized = hiap_core.optimize_for_inference(make_vit(), x)
+    before = optimized(x).clone()
+    with torch.no_grad():
+        optimized.model.head.bias.add_(1.0)
+    torch.testing.assert_close(optimized(x), before)

@@ -53,7 +53,7 @@ class PrunedAttention(nn.Module):
 
     - per head (the default, `pad_values = False`): the Q/K products of all heads run as one batched matmul,
       then each head's attention weights multiply its own V columns; no padding, so the executed MACs are
-      the analytic count. Fastest eager on CPU (reports/benchmarks/core.json).
+      the analytic count.
     - padded (`pad_values = True`, `set_padded_attention`): each head's V is padded with zero columns to a
       common width inside the attention product only, so one fused `scaled_dot_product_attention` serves the
       layer (one kernel instead of one per head: what a launch-bound GPU wants); `qkv` and `proj` stay narrow.
@@ -74,11 +74,12 @@ class PrunedAttention(nn.Module):
         ends = list(itertools.accumulate(value_dims))
         self.value_columns = list(zip([0] + ends[:-1], ends))  # each head's [start, end) in V
         self.pad_values = False
-        self.padded_width = max(self.head_dim, *value_dims)  # as wide as Q/K: CPU's fused kernel needs it
+        # at least as wide as Q/K (CPU's fused kernel wants them equal), wider only if a value head is wider
+        self.padded_width = max(self.head_dim, *value_dims)
         padded, kept = padded_value_columns(value_dims, self.padded_width)
         # Not in the state dict (saved files stay as they are); buffers so that .to(device) moves them.
-        self.register_buffer("padded_columns", torch.tensor(padded), persistent=False)
-        self.register_buffer("kept_columns", torch.tensor(kept), persistent=False)
+        self.register_buffer("padded_columns", torch.tensor(padded, dtype=torch.long), persistent=False)
+        self.register_buffer("kept_columns", torch.tensor(kept, dtype=torch.long), persistent=False)
         self.qkv = nn.Linear(dim, self.qk_width + self.v_dim, bias=qkv_bias)
         self.proj = nn.Linear(self.v_dim, dim, bias=proj_bias)
 
@@ -114,9 +115,9 @@ class PrunedAttention(nn.Module):
 def padded_value_columns(value_dims: tuple[int, ...], width: int) -> tuple[list[int], list[int]]:
     """For V padded to `width` per head: the V column each padded slot reads (sum(value_dims): a zero
     column), and the padded output slots that hold real columns, in V's order."""
-    padded, kept, start = [], [], 0
+    padded, kept, start, zero_column = [], [], 0, sum(value_dims)
     for head, value_dim in enumerate(value_dims):
-        padded += [start + i if i < value_dim else sum(value_dims) for i in range(width)]
+        padded += [start + i if i < value_dim else zero_column for i in range(width)]
         kept += [head * width + i for i in range(value_dim)]
         start += value_dim
     return padded, kept

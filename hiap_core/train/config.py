@@ -14,6 +14,7 @@ from typing import Callable
 
 import yaml
 
+from ..core.errors import first_line
 from ..core.gated_vit import GATE_FORWARDS
 
 # finetune: the teacher, KD fine-tuned, unpruned; transplant: a HiAP run's units on the teacher's weights, fine-tuned
@@ -27,11 +28,6 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")  # optim.amp; auto: bf16 autocast on
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field."""
-
-
-def first_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message (torch and timm write pages), else its type."""
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 # The dataclass defaults are params.yaml's values (`data`, `model`, the `dense` stage's optimiser and the `hiap`

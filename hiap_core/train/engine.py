@@ -37,13 +37,14 @@ from ..core.baselines import prune_to_target, transplant
 from ..core.budget import InfeasibleBudget, target_fraction
 from ..core.cost import UnitCosts, count_macs, expected_macs, load_cost_table, unit_costs
 from ..core.describe import describe
+from ..core.errors import first_line
 from ..core.extract import extract, structure_summary
 from ..core.files import LockHeld, atomic_write, exclusive_lock, file_sha256, remove_leftover_temporaries
 from ..core.gated_vit import gate_parameters, gate_vit
 from ..core.losses import kd_loss
 from ..core.pruned import WEIGHTS_FILE, load_pruned, save_pruned
 from ..core.pruner import Pruner, param_groups
-from .config import ConfigError, RunConfig, first_line, read_by
+from .config import ConfigError, RunConfig, read_by
 from .data import build_loaders, load_teacher_logits
 
 
