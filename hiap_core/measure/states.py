@@ -6,9 +6,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import copy
+
 from ..core.cost import count_macs
 from ..core.describe import describe
-from ..core.gated_vit import gated_blocks, set_gate_state
+from ..core.extract import extract
+from ..core.gated_vit import gate_vit, gated_blocks, set_gate_state
+from ..core.pruned import PrunedViT
+
+
+def extracted_models(build, fractions) -> tuple[nn.Module, dict[float, PrunedViT]]:
+    """A dense model from `build()` (seeded random weights) and one model extracted from it at each MACs
+    fraction (`random_feasible_state`), in eval mode on the CPU."""
+    torch.manual_seed(0)
+    dense = build().eval()
+    pruned = {}
+    for fraction in fractions:
+        gated = gate_vit(copy.deepcopy(dense)).eval()
+        set_gate_state(gated, random_feasible_state(gated, fraction))
+        pruned[fraction] = extract(gated)
+    return dense, pruned
 
 
 def empty_state(gated: nn.Module) -> list[dict]:

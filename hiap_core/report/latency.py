@@ -60,7 +60,8 @@ def latency_table(
         for name, model in tqdm(models.items(), desc=f"latency, batch {batch}", leave=False, disable=None):
             fns = {"dense": dense, "model": model}
             if optimize:
-                fns.update(optimized_dense=optimized_dense, optimized_model=optimize_for_inference(model, x))
+                optimized = optimized_dense if model is dense else optimize_for_inference(model, x)
+                fns.update(optimized_dense=optimized_dense, optimized_model=optimized)
             with torch.inference_mode():
                 ms = _median_ms(alternate({key: lambda m=m: m(x) for key, m in fns.items()}, runs, warmup=3))
             mac_ratio = count_macs(dense) / count_macs(model)
