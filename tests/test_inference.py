@@ -24,17 +24,16 @@ def mixed_width_model() -> hiap_core.PrunedViT:
     return pruned
 
 
-@pytest.mark.parametrize("layout", ["auto", "padded"])
-def test_the_optimized_extracted_model_matches_eager_at_the_example_shape_and_another(layout):
+def test_the_optimized_extracted_model_matches_eager_at_the_example_shape_and_another():
     model = mixed_width_model()
     x, other = torch.randn(4, 3, 16, 16), torch.randn(2, 3, 16, 16)
     with torch.inference_mode():
         eager_x, eager_other = model(x), model(other)
     model.train()  # the caller's model is left as it was: mode and layout
-    optimized = hiap_core.optimize_for_inference(model, x, attention_layout=layout)
+    optimized = hiap_core.optimize_for_inference(model, x)
     assert model.training and not any(getattr(m, "pad_values", False) for m in model.modules())
     model.eval()
-    assert optimized.attention_layout == "padded" if layout == "padded" else optimized.attention_layout in ("per_head", "padded")
+    assert optimized.attention_layout in ("per_head", "padded")  # both compiled, the faster kept
     assert optimized.max_abs_diff <= optimized.tolerance == inference.TOLERANCE[torch.float32]
     torch.testing.assert_close(optimized(x), eager_x, rtol=0, atol=1e-4)
     torch.testing.assert_close(optimized(other), eager_other, rtol=0, atol=1e-4)  # another batch: recompiled

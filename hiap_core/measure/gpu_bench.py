@@ -75,7 +75,7 @@ WORKLOADS = {
     "cifar_vit_tiny": (cifar_vit_tiny, 32, (128, 512), (1, 64, 256)),
     "deit_small_patch16_224": (_deit_small, 224, (256,), (1, 64, 256)),
 }
-TINY_WORKLOADS = {"tiny_vit": (_tiny_vit, 16, (4, 8), (1, 4))}
+TINY_WORKLOADS = {"tiny_vit": (_tiny_vit, 16, (4, 8), (2,))}
 TINY_FRACTIONS = (0.5,)  # each extracted model compiles at each batch: the CPU test keeps to one
 
 
