@@ -14,14 +14,13 @@ reports/benchmarks/core.json times eager and optimized, dense and extracted, on 
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from .errors import first_line
 from .pruned import PrunedAttention, set_padded_attention
+from .timing import alternate, median_ms
 
 LAYOUTS = ("auto", "per_head", "padded")
 # Largest |optimized - eager| allowed, relative to max(1, largest |eager logit|), by output dtype.
@@ -87,22 +86,6 @@ def _compiled(model: nn.Module, layout: str, x: torch.Tensor, reference: torch.T
     return optimized
 
 
-def median_seconds(fns: dict, x: torch.Tensor, rounds: int = 15) -> dict[str, float]:
-    """Median wall time of each callable on `x`, run in turn once per round after two warm-up rounds."""
-    times = {name: [] for name in fns}
-    for round_index in range(rounds + 2):
-        for name, fn in fns.items():
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            start = time.perf_counter()
-            fn(x)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
-            if round_index >= 2:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def optimize_for_inference(model: nn.Module, example_batch: torch.Tensor, attention_layout: str = "auto") -> InferenceModel:
     """A copy of `model` in eval mode, compiled for `example_batch`'s device, shape and dtype (`model` itself is
     left as it was); other shapes recompile on first use. The weights are folded in: optimize again after
@@ -126,5 +109,6 @@ def optimize_for_inference(model: nn.Module, example_batch: torch.Tensor, attent
     }
     if len(candidates) == 1:
         return next(iter(candidates.values()))
-    seconds = median_seconds(candidates, example_batch)
-    return candidates[min(seconds, key=seconds.get)]
+    calls = {name: lambda m=m: m(example_batch) for name, m in candidates.items()}
+    ms = median_ms(alternate(calls, 15, device=example_batch.device))
+    return candidates[min(ms, key=ms.get)]

@@ -31,12 +31,13 @@ from ..core.inference import optimize_for_inference
 from ..core.models import cifar_vit_tiny
 from ..core.pruned import PrunedAttention, PrunedViT, set_padded_attention
 from ..core.pruner import param_groups
+from ..core.timing import alternate, median_ms
 from ..train.config import cli, config_from_params, load_params
 from ..train.data import build_loaders
 from ..train.engine import build_dense_model, make_pruner, step_loss
 from ..train.paths import PARAMS, REPORTS
 from .states import empty_state, extracted_models
-from .timing import alternate, machine
+from .timing import machine
 
 
 def bench_training(batch: int, rounds: int) -> dict:
@@ -103,8 +104,7 @@ def target_efficiency(batch: int) -> float:
 
 def _timed(models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict[str, float]:
     with torch.inference_mode():
-        times = alternate({name: lambda m=m: m(x) for name, m in models.items()}, runs, warmup=5)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        return median_ms(alternate({name: lambda m=m: m(x) for name, m in models.items()}, runs, warmup=5))
 
 
 def _efficiencies(prefix: str, ms: dict, macs: dict, fraction: float, batch: int) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 
 import numpy as np
@@ -31,11 +30,12 @@ from ..core.extract import extract
 from ..core.files import atomic_write
 from ..core.gated_vit import gate_vit, set_gate_state
 from ..core.spec import ViTSpec
+from ..core.timing import alternate, median_ms
 from ..train.config import cli, config_from_params, load_params
 from ..train.engine import build_dense_model
 from ..train.paths import PARAMS, REPORTS
 from .states import random_budget_state, random_width_state
-from .timing import alternate, machine
+from .timing import machine
 
 COEFFICIENTS = ("static", "head", "value_dim", "neuron")
 
@@ -119,9 +119,9 @@ def measure_cost_table(
     x = torch.randn(batch_size, spec.in_chans, *spec.img_size)
     with torch.inference_mode():
         calls = {name: (lambda m=m: m(x)) for name, m in models.items()}
-        times = alternate(calls, runs, warmup=2, progress=progress)
+        ms = median_ms(alternate(calls, runs, warmup=2, progress=progress))
     samples = pd.DataFrame(rows)
-    samples["ms"] = [1e3 * statistics.median(times[name]) for name in samples["model"]]
+    samples["ms"] = [ms[name] for name in samples["model"]]
     coefficients = fit_linear(samples[samples.role == "fit"])
     samples["predicted_ms"] = [predict_ms(coefficients, models[name].spec) for name in samples["model"]]
     fit, held_out = samples[samples.role == "fit"], samples[samples.role == "eval"]

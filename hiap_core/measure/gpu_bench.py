@@ -40,6 +40,7 @@ from ..core.inference import optimize_for_inference
 from ..core.models import cifar_vit_tiny
 from ..core.pruned import load_pruned, set_padded_attention
 from ..core.pruner import Pruner
+from ..core.timing import synchronize
 from ..train.config import RunConfig, cli, config_from_params, load_params
 from ..train.data import CROP_PADDING, NORMALIZATION, ArrayDataset, TensorLoader
 from ..train.engine import autocast, use_tensor_cores
@@ -79,25 +80,20 @@ TINY_WORKLOADS = {"tiny_vit": (_tiny_vit, 16, (4, 8), (2,))}
 TINY_FRACTIONS = (0.5,)  # each extracted model compiles at each batch: the CPU test keeps to one
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def images_per_s(fn, batch: int, device: torch.device, seconds: float, warmup: int = 3, max_iters: int = 200) -> float:
     """Images per second of `fn` (one batch per call) after `warmup` calls: as many calls as fit in about
     `seconds` (3 to `max_iters`), timed between two device synchronisations."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(warmup):
         fn()
-    _synchronize(device)
+    synchronize(device)
     per_call = (time.perf_counter() - start) / warmup
     iters = min(max_iters, max(3, int(seconds / max(per_call, 1e-9))))
     start = time.perf_counter()
     for _ in range(iters):
         fn()
-    _synchronize(device)
+    synchronize(device)
     return batch * iters / (time.perf_counter() - start)
 
 

@@ -1,32 +1,11 @@
-"""Timing that compares models fairly on a noisy machine: each callable runs once per round, in turn,
-so drift and background load hit all alike; medians and ratios are what to read."""
+"""The machine a timing ran on, recorded beside it (the timing itself: `core.timing`)."""
 
 from __future__ import annotations
 
 import platform
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def alternate(fns: dict, rounds: int, warmup: int = 2, progress: bool = False) -> dict[str, list[float]]:
-    """Run each callable once per round, in turn, and return its wall times (seconds)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress, leave=False):
-        for name, fn in fns.items():
-            times[name].append(_time(fn))
-    return times
 
 
 def machine() -> dict:

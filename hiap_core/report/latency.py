@@ -1,9 +1,8 @@
 """Latency of the study's extracted models against the dense one, in PyTorch and onnxruntime, timed
-alternately (`measure.timing.alternate`) so machine drift hits every model alike."""
+alternately (`core.timing.alternate`) so machine drift hits every model alike."""
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -15,14 +14,10 @@ from ..core.cost import count_macs
 from ..core.export import INPUT as ONNX_INPUT, onnx_runtime
 from ..core.inference import optimize_for_inference
 from ..core.pruned import PrunedViT, load_pruned
+from ..core.timing import alternate, median_ms
 from ..measure.cost_table import predict_ms
-from ..measure.timing import alternate
 from ..train.paths import RUNS
 from ..train.runs import run_metrics
-
-
-def _median_ms(times: dict[str, list[float]]) -> dict[str, float]:
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def load_models(names: list[str]) -> dict[str, PrunedViT]:
@@ -63,7 +58,7 @@ def latency_table(
                 optimized = optimized_dense if model is dense else optimize_for_inference(model, x)
                 fns.update(optimized_dense=optimized_dense, optimized_model=optimized)
             with torch.inference_mode():
-                ms = _median_ms(alternate({key: lambda m=m: m(x) for key, m in fns.items()}, runs, warmup=3))
+                ms = median_ms(alternate({key: lambda m=m: m(x) for key, m in fns.items()}, runs, warmup=3))
             mac_ratio = count_macs(dense) / count_macs(model)
             row = {
                 "run": name,
@@ -91,7 +86,7 @@ def latency_table(
                 ort = alternate(
                     {"dense": lambda: dense_session.run(None, feed), "model": lambda s=session: s.run(None, feed)}, runs, warmup=3
                 )
-                ort_ms = _median_ms(ort)
+                ort_ms = median_ms(ort)
                 row.update(
                     ort_dense_ms=ort_ms["dense"],
                     ort_model_ms=ort_ms["model"],
@@ -119,9 +114,9 @@ def latency_vs_macs_target(
     spec = models["dense"].spec
     x = torch.randn(cost_table["batch_size"], spec.in_chans, *spec.img_size)
     with torch.inference_mode():
-        torch_ms = _median_ms(alternate({name: lambda m=models[name]: m(x) for name in names}, runs, warmup=3))
+        torch_ms = median_ms(alternate({name: lambda m=models[name]: m(x) for name in names}, runs, warmup=3))
     feed = {ONNX_INPUT: x.numpy()}
-    ort_ms = _median_ms(alternate({name: lambda s=runtimes[name][0]: s.run(None, feed) for name in names}, runs, warmup=3))
+    ort_ms = median_ms(alternate({name: lambda s=runtimes[name][0]: s.run(None, feed) for name in names}, runs, warmup=3))
     rows = []
     for name, target in ((macs_run, "MACs"), (latency_run, "latency")):
         m = run_metrics(name)

@@ -1,0 +1,42 @@
+"""Timing that compares models fairly on a noisy machine: each callable runs once per round, in turn,
+so drift and background load hit all alike; medians and ratios are what to read. On a GPU each call is
+timed between two synchronisations, so the time is the kernels', not their launch."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(
+    fns: dict, rounds: int, warmup: int = 2, progress: bool = False, device: torch.device | None = None
+) -> dict[str, list[float]]:
+    """Run each callable once per round, in turn, after `warmup` such rounds; return its wall times (seconds).
+    `device`: where the callables run, to synchronise around each call on a GPU."""
+    device = device or torch.device("cpu")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress, leave=False):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    """Each callable's median time from `alternate`, in milliseconds."""
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
