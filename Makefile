@@ -28,8 +28,9 @@ data:
 		($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
 	else echo "warning: $(FASHION_DIR) is missing and apt-get is unavailable; the data loader will try to download it" >&2; fi
 
+# pytest-xdist over the cores; a module with a module-scoped fixture stays on one worker (xdist_group)
 test: venv data lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadgroup tests
 
 lint: venv
 	$(VENV)/bin/ruff check hiap_core tests

@@ -1,4 +1,5 @@
 import copy
+import os
 
 import hiap_core  # noqa: I001  (first: makes torchvision, hence timm, importable)
 
@@ -6,6 +7,10 @@ import pytest
 import timm
 import torch
 from hypothesis import settings, strategies as st
+
+# `make test` runs pytest-xdist workers side by side: each takes its share of the cores, not all of them
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("ci")

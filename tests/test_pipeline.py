@@ -17,6 +17,9 @@ import hiap_core
 from hiap_core.train import paths, profiles
 from test_data import write_image_folder
 
+# one xdist worker runs this module, so its module-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("smoke_pipeline")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

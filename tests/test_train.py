@@ -18,6 +18,9 @@ import hiap_core
 from hiap_core.train import engine
 from hiap_core.train.config import ConfigError, RunConfig, apply_overrides, config_from_params
 
+# one xdist worker runs this module, so its module-scoped fixture is built once
+pytestmark = pytest.mark.xdist_group("train_runs")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "data": {"dataset": "fashion_mnist", "val_size": 128, "train_subset": 384, "test_subset": 128},
