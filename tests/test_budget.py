@@ -9,7 +9,7 @@ from conftest import gate_states, gated_copy, make_vit
 from hypothesis import given, strategies as st
 
 import hiap_core
-from hiap_core.train import engine
+from hiap_core.train import models, pruning
 from hiap_core.core.budget import BudgetController, minimum_cost, projected_fraction, round_to_budget
 from hiap_core.core.gated_vit import gates
 from hiap_core.train.config import ConfigError, config_from_params
@@ -224,9 +224,9 @@ def test_round_to_budget_reopens_closed_ffn_blocks_when_the_run_undershot():
 )
 def test_impossible_targets_are_refused_before_training(overrides, match, tmp_path):
     cfg = config_from_params(TINY, "hiap", {"teacher": "t", "out": str(tmp_path), **overrides})
-    dense = engine.build_dense_model(cfg)
+    dense = models.build_dense_model(cfg)
     with pytest.raises(ConfigError, match=match):
-        engine.make_pruner(cfg, dense, total_steps=10)
+        pruning.make_pruner(cfg, dense, total_steps=10)
 
 
 @pytest.mark.parametrize(

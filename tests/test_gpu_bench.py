@@ -13,9 +13,6 @@ import torch
 import hiap_core
 from hiap_core.measure import gpu_bench, states
 
-# one xdist worker runs this module, so its module-scoped fixture is built once
-pytestmark = pytest.mark.xdist_group("gpu_bench")
-
 ROOT = Path(__file__).resolve().parents[1]
 NOT_ON_A_BARE_GPU_MACHINE = ("dvc", "papermill", "matplotlib", "seaborn", "ruamel", "nbformat", "onnx", "onnxruntime")
 

@@ -10,6 +10,7 @@ from conftest import flop_counter_macs, gate_states, gated_copy, make_vit
 from hypothesis import given, strategies as st
 
 import hiap_core
+from hiap_core.core import timing
 from hiap_core.measure import cost_table as latency
 from hiap_core.measure.states import random_feasible_state
 
@@ -63,7 +64,7 @@ def flops_as_seconds(calls, runs, **_):
 
 
 def test_measured_table_is_a_cost_for_the_same_architecture(tmp_path, monkeypatch):
-    monkeypatch.setattr(latency, "alternate", flops_as_seconds)
+    monkeypatch.setattr(timing, "alternate", flops_as_seconds)  # what `models_ms` times with
     dense = make_vit(depth=2, num_heads=3, embed_dim=24)
     table, samples = latency.measure_cost_table(dense, batch_size=4, fit_models=6, eval_models=3, runs=2, progress=False)
     assert list(samples["role"]) == ["fit"] * 6 + ["eval"] * 3 and (samples["ms"] > 0).all()

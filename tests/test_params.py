@@ -4,7 +4,8 @@ papermill injected wins, and a key the file lacks is named, not read as an empty
 import pytest
 
 from hiap_core.train.config import config_from_params
-from hiap_core.train.engine import build_dense_model, make_pruner
+from hiap_core.train.models import build_dense_model
+from hiap_core.train.pruning import make_pruner
 from hiap_core.train.params import read_params, study_params
 from hiap_core.train.profiles import PROFILES, merge
 from hiap_core.train.runs import sweep_overrides

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 import hiap_core
 from hiap_core.core.baselines import transplant
-from hiap_core.train import engine, recipe_grid
+from hiap_core.train import data, engine, models, recipe_grid, run_folder
 from hiap_core.train.config import ConfigError, config_from_params
 from hiap_core.train.params import read_params
 from hiap_core.train.runs import recipe
@@ -47,7 +47,7 @@ def test_a_transplant_of_a_run_that_is_not_hiap_is_refused_in_one_line(tmp_path)
     params = {"baselines": {"epochs": 1}}
     cfg = config_from_params(params, "transplant", {"teacher": "t", "structure": str(tmp_path / "uniform_run")})
     with pytest.raises(ConfigError, match="structure = .*closing.csv not found; transplant needs a finished HiAP run"):
-        engine.structure_file(cfg)
+        models.structure_file(cfg)
     with pytest.raises(ConfigError, match="structure"):
         config_from_params(params, "uniform", {"teacher": "t", "target_macs": 0.5, "structure": "x"})
 
@@ -80,14 +80,14 @@ def test_a_tampered_teacher_is_refused(tmp_path):
     model = hiap_core.extract(hiap_core.gate_vit(make_vit().eval()))
     folder = hiap_core.save_pruned(model, tmp_path / "dense" / "model")
     weights = folder / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 0x01  # one bit of one weight
-    weights.write_bytes(bytes(data))
+    flipped = bytearray(weights.read_bytes())
+    flipped[-1] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match="sha256 differs"):
         hiap_core.load_pruned(folder)
     cfg = config_from_params({"hiap": {"epochs": 1}}, "hiap", {"teacher": str(tmp_path / "dense")})
     with pytest.raises(ConfigError, match="teacher = .*sha256 differs"):
-        engine.load_teacher(cfg)
+        models.load_teacher(cfg)
 
 
 def test_the_grid_tunes_every_method_the_same_way_and_picks_on_validation(monkeypatch):
@@ -133,10 +133,10 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_holder(tmp_path
 
     cfg = config_from_params({"dense": {"epochs": 1}}, "dense", {"out": str(tmp_path / "run"), "progress": False})
     (tmp_path / "run").mkdir()
-    with exclusive_lock(tmp_path / "run" / engine.LOCK_FILE):  # this process stands for the first run
+    with exclusive_lock(tmp_path / "run" / run_folder.LOCK_FILE):  # this process stands for the first run
         with pytest.raises(ConfigError, match=f"in use by another run \\(process {os.getpid()}\\)"):
             engine.Trainer(cfg).run()
-    with exclusive_lock(tmp_path / "run" / engine.LOCK_FILE):  # released, and a stale lock file is no obstacle
+    with exclusive_lock(tmp_path / "run" / run_folder.LOCK_FILE):  # released, and a stale lock file is no obstacle
         pass
 
 
@@ -183,18 +183,18 @@ def test_cached_teacher_logits_equal_the_live_teachers_forward(tmp_path):
         TINY, "finetune", {"teacher": str(tmp_path / "dense"), "out": str(tmp_path / "ft"), "progress": False}
     )
     teacher_logits.compute(cfg, tmp_path / "logits")
-    cached = engine.load_teacher_logits(
+    cached = data.load_teacher_logits(
         config_from_params(TINY, "finetune", {"teacher": str(tmp_path / "dense"), "teacher_logits": str(tmp_path / "logits")}),
-        engine.teacher_fingerprint(cfg),
+        models.teacher_fingerprint(cfg),
     )
-    loader = engine.build_loaders(cfg.data, 28, 64, seed=0).train
+    loader = data.build_loaders(cfg.data, 28, 64, seed=0).train
     loader.views = True
-    teacher = engine.load_teacher(cfg)
+    teacher = models.load_teacher(cfg)
     for x, _, views in loader:  # flips included (data.augment: flip)
         with torch.no_grad():
             torch.testing.assert_close(cached[views], teacher(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="another teacher's weights"):
-        engine.load_teacher_logits(cfg.__class__(**{**cfg.__dict__, "teacher_logits": str(tmp_path / "logits")}), "0" * 64)
+        data.load_teacher_logits(cfg.__class__(**{**cfg.__dict__, "teacher_logits": str(tmp_path / "logits")}), "0" * 64)
     live = engine.train(cfg)
     fast = engine.train(
         config_from_params(

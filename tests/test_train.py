@@ -15,11 +15,8 @@ from conftest import needs_cuda
 from safetensors.torch import load_file
 
 import hiap_core
-from hiap_core.train import engine
+from hiap_core.train import device, engine, models, objective, run_folder
 from hiap_core.train.config import ConfigError, RunConfig, apply_overrides, config_from_params
-
-# one xdist worker runs this module, so its module-scoped fixture is built once
-pytestmark = pytest.mark.xdist_group("train_runs")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -104,7 +101,7 @@ def test_config_from_params_reads_stage_groups(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    factors = [engine.lr_factor(s, 100, 10, 0.01) for s in range(100)]
+    factors = [objective.lr_factor(s, 100, 10, 0.01) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert factors[-1] == pytest.approx(0.01, abs=1e-3)
@@ -239,7 +236,7 @@ def test_offline_pretrained_checkpoint_missing_is_a_clear_error():
         model=hiap_core.train.config.ModelConfig(name="deit_tiny_patch16_224", pretrained="/no/such.pth", num_classes=1000),
     )
     with pytest.raises(ConfigError, match="file not found"):
-        engine.build_dense_model(cfg)
+        models.build_dense_model(cfg)
 
 
 @pytest.mark.parametrize("content", ["random bytes", "a training checkpoint"])
@@ -254,7 +251,7 @@ def test_an_unloadable_pretrained_file_is_one_line(tmp_path, content):
         model=hiap_core.train.config.ModelConfig(name="deit_tiny_patch16_224", pretrained=str(path), num_classes=10),
     )
     with pytest.raises(ConfigError, match="cannot be loaded into deit_tiny_patch16_224 .*not a training checkpoint") as err:
-        engine.build_dense_model(cfg)
+        models.build_dense_model(cfg)
     assert "\n" not in str(err.value)
 
 
@@ -302,7 +299,7 @@ def test_nan_loss_stops_with_a_clear_message_keeping_the_checkpoint(dense_run, t
     with pytest.raises(engine.TrainingDiverged, match="non-finite loss at epoch 2.*checkpoint.*is kept"):
         engine.train(cfg)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
-    assert (out / engine.LOCK_FILE).is_file()  # another process may be waiting on that file: it stays
+    assert (out / run_folder.LOCK_FILE).is_file()  # another process may be waiting on that file: it stays
 
 
 def cli(args, **kwargs):
@@ -461,7 +458,7 @@ def test_unwritable_or_full_out_is_refused_before_any_training(tmp_path, monkeyp
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"out = .*file/run': cannot write there"):
         engine.train(tiny_cfg("dense", tmp_path / "file" / "run"))
-    monkeypatch.setattr(engine.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 2**20})())
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 2**20})())
     with pytest.raises(ConfigError, match="only 1 MiB free"):
         engine.train(tiny_cfg("dense", tmp_path / "full"))
 
@@ -470,19 +467,19 @@ def test_corrupt_checkpoint_is_named_refused_by_the_cli_and_moved_aside_by_pipel
     cfg = tiny_cfg("dense", tmp_path)
     (tmp_path / "checkpoint.pt").write_bytes(b"")  # e.g. copied from a full disk
     with pytest.raises(ConfigError, match=r"checkpoint.pt is corrupt or not a checkpoint .*: delete it to start the run over"):
-        engine.Trainer(cfg, engine.Dist())._load_checkpoint()
-    assert engine.Trainer(cfg, engine.Dist(), restart_on_config_change=True)._load_checkpoint() is None
+        engine.Trainer(cfg, device.Dist()).folder.load_checkpoint(torch.device("cpu"))
+    assert engine.Trainer(cfg, device.Dist(), restart_on_config_change=True).folder.load_checkpoint(torch.device("cpu")) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt.corrupt"]
 
 
 def test_empty_or_mismatched_teacher_is_one_line_naming_the_key(tmp_path):
     (tmp_path / "empty" / "model").mkdir(parents=True)
     with pytest.raises(ConfigError, match="teacher = .*model.safetensors not found.*rerun the dense stage"):
-        engine.load_teacher(tiny_cfg("hiap", tmp_path / "a", teacher=str(tmp_path / "empty")))
+        models.load_teacher(tiny_cfg("hiap", tmp_path / "a", teacher=str(tmp_path / "empty")))
     wide = tiny_cfg("dense", tmp_path / "w", **{"model.embed_dim": 64})
-    teacher = hiap_core.extract(hiap_core.gate_vit(engine.build_dense_model(wide)))
+    teacher = hiap_core.extract(hiap_core.gate_vit(models.build_dense_model(wide)))
     with pytest.raises(ConfigError) as err:
-        engine.build_model(tiny_cfg("hiap", tmp_path / "b", teacher="wide"), teacher)
+        models.build_model(tiny_cfg("hiap", tmp_path / "b", teacher="wide"), teacher)
     assert "\n" not in str(err.value) and "does not match the model config: size mismatch for cls_token" in str(err.value)
 
 
@@ -497,7 +494,7 @@ def test_training_set_smaller_than_a_batch_names_the_fields():
 def test_evaluation_shows_a_progress_bar(capsys):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     batches = [(torch.randn(2, 4), torch.tensor([0, 1]))]
-    acc, loss = engine.evaluate(model, batches, engine.Dist(), show=True)
+    acc, loss = engine.evaluate(model, batches, device.Dist(), show=True)
     assert "evaluating" in capsys.readouterr().err and 0 <= acc <= 1 and math.isfinite(loss)
 
 
@@ -523,7 +520,7 @@ def test_non_finite_test_metrics_fail_without_saving_a_model_or_a_nan_checkpoint
 def test_amp_auto_on_cpu_trains_bit_identical_weights_to_amp_off(dense_run, tmp_path):
     """On CPU `amp: auto` enters no autocast: HiAP (teacher forward, gates, penalties, budget control) trains
     exactly the weights of full fp32."""
-    assert engine.autocast_dtype("auto", torch.device("cpu")) is None
+    assert device.autocast_dtype("auto", torch.device("cpu")) is None
     weights = []
     for amp in ("auto", "off"):
         cfg = tiny_cfg("hiap", tmp_path / amp, teacher=str(dense_run[0]), target_macs=0.6, **{"optim.amp": amp})
@@ -537,7 +534,7 @@ def test_explicit_mixed_precision_without_a_cuda_gpu_is_refused_in_one_line(amp,
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU runs it")
     with pytest.raises(ConfigError) as err:
-        engine.Trainer(tiny_cfg("dense", tmp_path, **{"optim.amp": amp}), engine.Dist())
+        engine.Trainer(tiny_cfg("dense", tmp_path, **{"optim.amp": amp}), device.Dist())
     message = str(err.value)
     assert "\n" not in message and f"optim.amp = '{amp}': needs a CUDA GPU" in message and "use auto or off" in message
 
@@ -552,13 +549,13 @@ def test_a_config_field_added_later_counts_as_its_default_when_a_checkpoint_lack
     now = RunConfig(method="hiap").to_dict()
     older = RunConfig(method="hiap").to_dict()
     del older["optim"]["amp"], older["optim"]["compile"]
-    assert engine.changed_fields(older, now) == []
+    assert run_folder.changed_fields(older, now) == []
     explicit = RunConfig(method="hiap").to_dict()
     explicit["optim"]["amp"] = "off"
-    assert engine.changed_fields(older, explicit) == ["optim.amp"]  # the old code ran auto: a change
-    assert engine.changed_fields(explicit, now) == ["optim.amp"]
+    assert run_folder.changed_fields(older, explicit) == ["optim.amp"]  # the old code ran auto: a change
+    assert run_folder.changed_fields(explicit, now) == ["optim.amp"]
     del older["hiap"]["search_fraction"]  # added with a default that changed training: never assumed
-    assert engine.changed_fields(older, now) == ["hiap.search_fraction"]
+    assert run_folder.changed_fields(older, now) == ["hiap.search_fraction"]
 
 
 def test_a_field_a_method_does_not_read_never_makes_its_checkpoint_stale():
@@ -568,11 +565,11 @@ def test_a_field_a_method_does_not_read_never_makes_its_checkpoint_stale():
     now = RunConfig(method="uniform").to_dict()
     now["hiap"].update(lambda_macro=7.0, cost_table="elsewhere.json")
     now["optim"]["gate_lr"] = 0.3
-    assert engine.changed_fields(saved, now) == []
+    assert run_folder.changed_fields(saved, now) == []
     now["hiap"]["kd_alpha"] = 0.9
-    assert engine.changed_fields(saved, now) == ["hiap.kd_alpha"]
+    assert run_folder.changed_fields(saved, now) == ["hiap.kd_alpha"]
     saved["method"] = now["method"] = "hiap"
-    assert engine.changed_fields(saved, now) == ["hiap.cost_table", "hiap.kd_alpha", "hiap.lambda_macro", "optim.gate_lr"]
+    assert run_folder.changed_fields(saved, now) == ["hiap.cost_table", "hiap.kd_alpha", "hiap.lambda_macro", "optim.gate_lr"]
 
 
 @needs_fashion
@@ -613,8 +610,8 @@ def test_losses_and_penalties_stay_fp32_under_autocast():
     student = pruner.model.train()
     cfg = tiny_cfg("hiap", "x", teacher="t")
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
-    mixed = engine.step_loss(student, x, y, cfg, teacher, pruner, torch.bfloat16)
-    full = engine.step_loss(student, x, y, cfg, teacher, pruner)
+    mixed = objective.step_loss(student, x, y, cfg, teacher, pruner, torch.bfloat16)
+    full = objective.step_loss(student, x, y, cfg, teacher, pruner)
     assert all(term.dtype == torch.float32 for term in mixed.values())
     assert all(torch.equal(mixed[k], full[k]) for k in ("macro", "micro", "feas"))
     mixed["loss"].backward()
@@ -626,18 +623,18 @@ def test_bf16_training_step_and_autocast_evaluation_on_cuda():
     from conftest import make_vit
 
     device = torch.device("cuda")
-    assert engine.autocast_dtype("auto", device) == torch.bfloat16
+    assert device.autocast_dtype("auto", device) == torch.bfloat16
     teacher = make_vit().to(device)
     pruner = hiap_core.Pruner(make_vit(), total_steps=10)
     student = pruner.model.to(device).train()
     cfg = tiny_cfg("hiap", "x", teacher="t")
     x, y = torch.randn(8, 3, 16, 16, device=device), torch.randint(0, 5, (8,), device=device)
-    terms = engine.step_loss(student, x, y, cfg, teacher, pruner, torch.bfloat16)
+    terms = objective.step_loss(student, x, y, cfg, teacher, pruner, torch.bfloat16)
     assert all(term.dtype == torch.float32 and torch.isfinite(term) for term in terms.values())
     terms["loss"].backward()
     gates = hiap_core.gate_parameters(student)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in gates)
-    acc, loss = engine.evaluate(student, [(x.cpu(), y.cpu())], engine.Dist(device=device), False, torch.bfloat16)
+    acc, loss = engine.evaluate(student, [(x.cpu(), y.cpu())], device.Dist(device=device), False, torch.bfloat16)
     assert 0 <= acc <= 1 and math.isfinite(loss)
 
 
@@ -645,7 +642,7 @@ def test_bf16_training_step_and_autocast_evaluation_on_cuda():
 @needs_fashion
 def test_fp16_run_on_cuda_keeps_its_loss_scale_in_the_checkpoint_and_pins_its_batches(tmp_path):
     cfg = tiny_cfg("dense", tmp_path, **{"optim.amp": "fp16", "optim.epochs": 1})
-    trainer = engine.Trainer(cfg, engine.Dist(device=torch.device("cuda")))
+    trainer = engine.Trainer(cfg, device.Dist(device=torch.device("cuda")))
     metrics = trainer.run()
     assert math.isfinite(metrics["test_loss"])
     assert all(t.is_pinned() for t in next(iter(trainer.train_loader)))
@@ -700,7 +697,7 @@ def test_values_outside_their_sense_are_refused_in_one_line(override, field):
 
 def test_a_named_timm_vit_gets_the_datasets_channels():
     model_cfg = hiap_core.train.config.ModelConfig(name="vit_tiny_patch16_224", img_size=32, in_chans=1, num_classes=10)
-    model = engine.build_dense_model(RunConfig(method="dense", model=model_cfg))  # 16-px patches tile 32, not 28
+    model = models.build_dense_model(RunConfig(method="dense", model=model_cfg))  # 16-px patches tile 32, not 28
     assert model.patch_embed.proj.in_channels == 1
 
 

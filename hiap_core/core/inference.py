@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import first_line
 from .pruned import PrunedAttention, set_padded_attention
-from .timing import alternate, median_ms
+from .timing import models_ms
 
 LAYOUTS = ("auto", "per_head", "padded")
 # Largest |optimized - eager| allowed, relative to max(1, largest |eager logit|), by output dtype.
@@ -109,6 +109,5 @@ def optimize_for_inference(model: nn.Module, example_batch: torch.Tensor, attent
     }
     if len(candidates) == 1:
         return next(iter(candidates.values()))
-    calls = {name: lambda m=m: m(example_batch) for name, m in candidates.items()}
-    ms = median_ms(alternate(calls, 15, device=example_batch.device))
+    ms = models_ms(candidates, example_batch, 15)
     return candidates[min(ms, key=ms.get)]

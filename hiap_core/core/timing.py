@@ -40,3 +40,11 @@ def alternate(
 def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
     """Each callable's median time from `alternate`, in milliseconds."""
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def models_ms(models: dict, x: torch.Tensor, runs: int, warmup: int = 2, progress: bool = False) -> dict[str, float]:
+    """Each model's median time (ms) of a forward on `x`, in inference mode, the models alternating (`alternate`
+    on `x`'s device): the one way the project times models against each other."""
+    with torch.inference_mode():
+        calls = {name: lambda m=m: m(x) for name, m in models.items()}
+        return median_ms(alternate(calls, runs, warmup=warmup, progress=progress, device=x.device))

@@ -31,10 +31,12 @@ from ..core.inference import optimize_for_inference
 from ..core.models import cifar_vit_tiny
 from ..core.pruned import PrunedAttention, PrunedViT, set_padded_attention
 from ..core.pruner import param_groups
-from ..core.timing import alternate, median_ms
+from ..core.timing import alternate, models_ms
 from ..train.config import cli, config_from_params, load_params
 from ..train.data import build_loaders
-from ..train.engine import build_dense_model, make_pruner, step_loss
+from ..train.models import build_dense_model
+from ..train.objective import step_loss
+from ..train.pruning import make_pruner
 from ..train.paths import PARAMS, REPORTS
 from .states import empty_state, extracted_models
 from .timing import machine
@@ -102,11 +104,6 @@ def target_efficiency(batch: int) -> float:
     return 0.92 if batch > 1 else 0.85
 
 
-def _timed(models: dict[str, nn.Module], x: torch.Tensor, runs: int) -> dict[str, float]:
-    with torch.inference_mode():
-        return median_ms(alternate({name: lambda m=m: m(x) for name, m in models.items()}, runs, warmup=5))
-
-
 def _efficiencies(prefix: str, ms: dict, macs: dict, fraction: float, batch: int) -> dict:
     """Speedup, its ratio to the MACs ratio and the best ratio the floor allows, for `prefix` ('' eager,
     'optimized_'): `ms` holds dense, pruned and floor times under that prefix."""
@@ -144,7 +141,7 @@ def bench_inference(fractions: list[float], batches: dict[int, int], optimize: b
             eager = [name for name in models if not name.startswith("padded")]
             optimized = {name: optimize_for_inference(models[name], x) for name in tqdm(eager, desc="compiling", disable=None)}
             models.update({f"optimized_{name}": m for name, m in optimized.items()})
-        ms = _timed(models, x, runs)
+        ms = models_ms(models, x, runs, warmup=5)
         for fraction in fractions:
             row = {"macs_cut": 1 - macs[fraction] / macs["dense"], "dense_macs": macs["dense"], "pruned_macs": macs[fraction]}
             row.update(

@@ -30,9 +30,9 @@ from ..core.extract import extract
 from ..core.files import atomic_write
 from ..core.gated_vit import gate_vit, set_gate_state
 from ..core.spec import ViTSpec
-from ..core.timing import alternate, median_ms
+from ..core.timing import models_ms
 from ..train.config import cli, config_from_params, load_params
-from ..train.engine import build_dense_model
+from ..train.models import build_dense_model
 from ..train.paths import PARAMS, REPORTS
 from .states import random_budget_state, random_width_state
 from .timing import machine
@@ -117,9 +117,7 @@ def measure_cost_table(
         rows.append({"model": f"m{i}", "role": role, **unit_counts(spec), "macs": count_macs(spec)})
     spec = describe(dense)
     x = torch.randn(batch_size, spec.in_chans, *spec.img_size)
-    with torch.inference_mode():
-        calls = {name: (lambda m=m: m(x)) for name, m in models.items()}
-        ms = median_ms(alternate(calls, runs, warmup=2, progress=progress))
+    ms = models_ms(models, x, runs, warmup=2, progress=progress)
     samples = pd.DataFrame(rows)
     samples["ms"] = [ms[name] for name in samples["model"]]
     coefficients = fit_linear(samples[samples.role == "fit"])

@@ -18,7 +18,9 @@ from ..core.gated_vit import gated_blocks
 from ..core.losses import cost_penalties, feasibility_penalty
 from ..train.config import config_from_params
 from ..train.data import build_loaders
-from ..train.engine import build_model, load_teacher, make_pruner, step_loss
+from ..train.models import build_model, load_teacher
+from ..train.objective import step_loss
+from ..train.pruning import make_pruner
 
 KINDS = ("head", "value", "block", "neuron")  # macro (head, FFN block) and micro (value dim, neuron) gates
 

@@ -43,7 +43,7 @@ from ..core.pruner import Pruner
 from ..core.timing import synchronize
 from ..train.config import RunConfig, cli, config_from_params, load_params
 from ..train.data import CROP_PADDING, NORMALIZATION, ArrayDataset, TensorLoader
-from ..train.engine import autocast, use_tensor_cores
+from ..train.device import autocast, use_tensor_cores
 from ..train.paths import PARAMS, REPORTS, RUNS
 from ..train.profiles import PROFILES, merge
 from ..train.runs import sweep_overrides

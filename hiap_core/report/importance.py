@@ -12,7 +12,7 @@ from scipy import stats
 from ..core.baselines import neuron_scores, value_dim_scores
 from ..core.gated_vit import gate_vit, gated_blocks
 from ..train.config import config_from_params
-from ..train.engine import build_model, load_teacher
+from ..train.models import build_model, load_teacher
 from ..train.paths import RUNS
 from ..train.runs import run_metrics
 

@@ -14,7 +14,7 @@ from ..core.cost import count_macs
 from ..core.export import INPUT as ONNX_INPUT, onnx_runtime
 from ..core.inference import optimize_for_inference
 from ..core.pruned import PrunedViT, load_pruned
-from ..core.timing import alternate, median_ms
+from ..core.timing import alternate, median_ms, models_ms
 from ..measure.cost_table import predict_ms
 from ..train.paths import RUNS
 from ..train.runs import run_metrics
@@ -57,8 +57,7 @@ def latency_table(
             if optimize:
                 optimized = optimized_dense if model is dense else optimize_for_inference(model, x)
                 fns.update(optimized_dense=optimized_dense, optimized_model=optimized)
-            with torch.inference_mode():
-                ms = median_ms(alternate({key: lambda m=m: m(x) for key, m in fns.items()}, runs, warmup=3))
+            ms = models_ms(fns, x, runs, warmup=3)
             mac_ratio = count_macs(dense) / count_macs(model)
             row = {
                 "run": name,
@@ -113,8 +112,7 @@ def latency_vs_macs_target(
     names = ["dense", macs_run, latency_run]
     spec = models["dense"].spec
     x = torch.randn(cost_table["batch_size"], spec.in_chans, *spec.img_size)
-    with torch.inference_mode():
-        torch_ms = median_ms(alternate({name: lambda m=models[name]: m(x) for name in names}, runs, warmup=3))
+    torch_ms = models_ms({name: models[name] for name in names}, x, runs, warmup=3)
     feed = {ONNX_INPUT: x.numpy()}
     ort_ms = median_ms(alternate({name: lambda s=runtimes[name][0]: s.run(None, feed) for name in names}, runs, warmup=3))
     rows = []

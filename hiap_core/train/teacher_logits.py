@@ -18,7 +18,8 @@ from safetensors.torch import save
 from ..core.files import atomic_write
 from .config import ConfigError, RunConfig, cli, config_from_params
 from .data import LOGITS_FILE, NORMALIZATION, images_fingerprint, load_split
-from .engine import autocast, autocast_dtype, load_teacher, teacher_fingerprint
+from .device import autocast, autocast_dtype
+from .models import load_teacher, teacher_fingerprint
 
 BATCH = 512
 
