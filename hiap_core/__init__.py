@@ -38,7 +38,15 @@ from .core.gates import GumbelSigmoidGate
 from .core.losses import cost_penalties, feasibility_penalty, kd_loss, temperature_at
 from .core.inference import InferenceModel, optimize_for_inference
 from .core.models import cifar_vit_tiny
-from .core.pruned import PrunedViT, count_params, load_pruned, save_pruned, set_fused_attention, set_padded_attention
+from .core.pruned import (
+    PrunedViT,
+    count_params,
+    load_pruned,
+    load_spec,
+    save_pruned,
+    set_fused_attention,
+    set_padded_attention,
+)
 from .core.pruner import Pruner, param_groups
 from .core.spec import LayerSpec, ViTSpec
 
@@ -74,6 +82,7 @@ __all__ = [
     "kd_loss",
     "load_cost_table",
     "load_pruned",
+    "load_spec",
     "optimize_for_inference",
     "param_groups",
     "prune_to_target",

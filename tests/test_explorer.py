@@ -1,13 +1,17 @@
-"""The gate-evolution explorer: step-resolution runs load, draw, and one change of a control draws once."""
+"""The gate-evolution explorer: step-resolution runs load, draw, and one change of a control draws once; on a
+fresh clone (no run folders) it reads the committed copies."""
 
 import json
+import shutil
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 from conftest import make_vit
 
 import hiap_core
 from hiap_core.report import explorer
+from hiap_core.train.runs import REPORT_FILES
 
 pytest.importorskip("ipywidgets")
 
@@ -53,12 +57,30 @@ def fake_run(folder, steps_per_epoch: int, epochs: int, gated: bool) -> None:
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    fake_run(tmp_path / "hiap_x", steps_per_epoch=12, epochs=2, gated=True)
-    fake_run(tmp_path / "uniform_x", steps_per_epoch=12, epochs=1, gated=False)
-    monkeypatch.setattr(explorer, "RUNS", tmp_path)
+@pytest.fixture(params=["run folders", "committed copies"])
+def runs(request, tmp_path, monkeypatch):
+    """The two runs in their folders (trained here), or as a fresh clone has them: copied to reports/metrics as
+    `study_run` copies them, the folders gone."""
+    folders, committed = tmp_path / "runs", tmp_path / "metrics"
+    fake_run(folders / "hiap_x", steps_per_epoch=12, epochs=2, gated=True)
+    fake_run(folders / "uniform_x", steps_per_epoch=12, epochs=1, gated=False)
+    if request.param == "committed copies":
+        for name in ("hiap_x", "uniform_x"):
+            for source, target in REPORT_FILES:
+                if (folders / name / source).is_file():
+                    (committed / target.format(name)).parent.mkdir(exist_ok=True)
+                    shutil.copyfile(folders / name / source, committed / target.format(name))
+        shutil.rmtree(folders)
+        folders.mkdir()
+    monkeypatch.setattr(explorer, "RUNS", folders)
+    monkeypatch.setattr(explorer, "COMMITTED", committed)
     return tmp_path
+
+
+def test_every_run_is_listed_and_an_unknown_one_is_named(runs):
+    assert explorer.run_names() == ["hiap_x", "uniform_x"]
+    with pytest.raises(FileNotFoundError, match="hiap_y is neither a finished run .* nor committed .*; runs: hiap_x, uniform_x"):
+        explorer.load_run("hiap_y")
 
 
 def test_runs_load_at_step_resolution(runs):
@@ -66,6 +88,10 @@ def test_runs_load_at_step_resolution(runs):
     assert hiap.steps == [0, 5, 10, 11] and hiap.total_steps == 24
     assert uniform.steps == [0, 12] and uniform.total_steps == 12  # a baseline: its final structure throughout
     assert explorer.step_structure(hiap, 7).equals(explorer.step_structure(hiap, 5))  # the last snapshot before it
+    assert hiap.budget is not None and uniform.budget is None and hiap.spec == uniform.spec
+    explorer.evolution_plot(hiap, 7)
+    explorer.comparison_plot([hiap, uniform], 7)
+    plt.close("all")
 
 
 def test_one_change_of_a_control_draws_the_output_once(runs):

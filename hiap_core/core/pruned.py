@@ -274,6 +274,25 @@ def _check_spec_hash(weights: Path, arch_file: Path, spec: ViTSpec) -> None:
         )
 
 
+def _read_architecture(arch_file: Path) -> tuple[dict, ViTSpec]:
+    try:
+        arch = json.loads(arch_file.read_text())
+        if arch.get("format") != "hiap-pruned-vit" or arch.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format {arch.get('format')!r} v{arch.get('format_version')}")
+        return arch, ViTSpec.from_dict(arch["spec"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{arch_file} is not a valid hiap-pruned-vit v{FORMAT_VERSION} architecture: {err}") from err
+
+
+def load_spec(path: str | os.PathLike) -> ViTSpec:
+    """The architecture of a model written by `save_pruned`, without its weights: `path` is the model's folder
+    or its `architecture.json` (or a copy of it, as the study commits in reports/metrics)."""
+    arch_file = Path(path) / ARCH_FILE if Path(path).is_dir() else Path(path)
+    if not arch_file.is_file():
+        raise FileNotFoundError(f"{arch_file} not found: expected a folder written by hiap_core.save_pruned, or its {ARCH_FILE}")
+    return _read_architecture(arch_file)[1]
+
+
 def load_pruned(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> PrunedViT:
     """Load a model written by `save_pruned` (eval mode)."""
     device = _device(map_location)
@@ -282,13 +301,7 @@ def load_pruned(path: str | os.PathLike, map_location: str | torch.device = "cpu
     for f in (weights, arch_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: expected a folder written by hiap_core.save_pruned")
-    try:
-        arch = json.loads(arch_file.read_text())
-        if arch.get("format") != "hiap-pruned-vit" or arch.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format {arch.get('format')!r} v{arch.get('format_version')}")
-        spec = ViTSpec.from_dict(arch["spec"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{arch_file} is not a valid hiap-pruned-vit v{FORMAT_VERSION} architecture: {err}") from err
+    arch, spec = _read_architecture(arch_file)
     recorded = arch.get("weights_sha256")  # absent in files written before it was recorded
     if recorded is not None and file_sha256(weights) != recorded:
         raise ValueError(

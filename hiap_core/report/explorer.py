@@ -1,8 +1,10 @@
 """The gate-evolution explorer of `03_gate_evolution.ipynb`: any study run by name, step by step, alone
-or beside another. Every run folder `data/runs/<name>/` holds `history.csv` and `model/`; HiAP runs add
-`gates.csv` (the hardened structure every 5 steps of the search, step 0 = start, and once frozen) and
-budget-exact runs `budget.csv` (cost and penalty scale per step). Baselines and dense have no gate
-history: their structure is the final one at every step.
+or beside another. A run is read from its folder `data/runs/<name>/` where it is there (trained on this
+machine), else from the copies the study commits in `reports/metrics/` (a fresh clone: nothing to train).
+Either way: `history.csv`, `metrics.json` and the extracted architecture; HiAP runs add `gates.csv` (the
+hardened structure every 5 steps of the search, step 0 = start, and once frozen) and budget-exact runs
+`budget.csv` (cost and penalty scale per step). Baselines and dense have no gate history: their structure
+is the final one at every step.
 
 `explore` adds dropdowns and a step slider when ipywidgets is installed; without it, the same figures
 are drawn once for the runs the notebook's parameters name."""
@@ -11,14 +13,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from ..core.extract import structure_summary
-from ..core.pruned import load_pruned
+from ..core.pruned import load_spec
 from ..core.spec import ViTSpec
-from ..train.paths import RUNS
+from ..train.paths import REPORTS, RUNS
+from ..train.runs import REPORT_FILES
+
+COMMITTED = REPORTS / "metrics"  # the study's copies of every run's files (runs.REPORT_FILES)
 
 KINDS = (("heads", "heads"), ("value_dims_total", "value dims"), ("neurons", "FFN neurons"))
 
@@ -55,25 +61,39 @@ class Run:
 
 
 def run_names() -> list[str]:
-    """Every finished run of the study (a folder with metrics.json), sorted."""
-    return sorted(p.parent.name for p in RUNS.glob("*/metrics.json"))
+    """Every finished run of the study: a folder with metrics.json, or a committed run (its metrics and
+    architecture in reports/metrics), sorted."""
+    committed = {p.name.removesuffix(".json") for p in COMMITTED.glob("*.json")}
+    committed &= {p.name.removesuffix("_architecture.json") for p in COMMITTED.glob("*_architecture.json")}
+    return sorted({p.parent.name for p in RUNS.glob("*/metrics.json")} | committed)
+
+
+def run_files(name: str) -> dict[str, Path]:
+    """Where the explorer reads run `name`: {file in its run folder: path}, the folder's own files if the run
+    is finished there, else their committed copies."""
+    folder = RUNS / name
+    if (folder / "metrics.json").is_file():
+        return {source: folder / source for source, _ in REPORT_FILES}
+    return {source: COMMITTED / target.format(name) for source, target in REPORT_FILES}
 
 
 def load_run(name: str) -> Run:
-    folder = RUNS / name
-    if not (folder / "metrics.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a finished run; finished runs: {', '.join(run_names()) or 'none'}")
-    spec = load_pruned(folder / "model").spec
-    history = pd.read_csv(folder / "history.csv")
+    files = run_files(name)
+    if not (files["metrics.json"].is_file() and files["model/architecture.json"].is_file()):
+        raise FileNotFoundError(
+            f"{name} is neither a finished run in {RUNS} nor committed in {COMMITTED}; runs: {', '.join(run_names()) or 'none'}"
+        )
+    spec = load_spec(files["model/architecture.json"])
+    history = pd.read_csv(files["history.csv"])
     history["step"] = history["epoch"] * history["steps_per_epoch"]
-    if (folder / "gates.csv").is_file():
-        gates = pd.read_csv(folder / "gates.csv")
+    if files["gates.csv"].is_file():
+        gates = pd.read_csv(files["gates.csv"])
     else:  # a run without gates: its final structure at every step
         final = structure_summary(spec).iloc[:-1]
         gates = pd.concat([final.assign(step=s) for s in (0, int(history["step"].iloc[-1]))], ignore_index=True)
     gates = gates[["step", "layer", "heads", "value_dims_total", "neurons"]].astype(int)
-    budget = pd.read_csv(folder / "budget.csv") if (folder / "budget.csv").is_file() else None
-    metrics = json.loads((folder / "metrics.json").read_text())
+    budget = pd.read_csv(files["budget.csv"]) if files["budget.csv"].is_file() else None
+    metrics = json.loads(files["metrics.json"].read_text())
     return Run(name, history, gates, budget, metrics, spec)
 
 

@@ -17,6 +17,7 @@ REPORT_FILES = (
     ("gates.csv", "{}_gates.csv"),
     ("budget.csv", "{}_budget.csv"),
     ("closing.csv", "{}_closing.csv"),
+    ("model/architecture.json", "{}_architecture.json"),  # the extracted architecture: the explorer draws it
 )
 
 
@@ -24,9 +25,10 @@ def study_run(
     params: dict, method: str, name: str, overrides: dict | None = None, restart_changed: bool = True, reports: bool = True
 ) -> dict:
     """Train or resume `data/runs/<name>` and (with `reports`) copy its metrics, history, gate states, closing
-    steps and budget trajectory to `reports/metrics/<name>*`; returns the metrics. `restart_changed` (the DVC stages): a run whose
-    params changed starts over. Without it (a notebook run by hand) a finished run is kept as it is and
-    shown, never retrained, and an unfinished one written with other params is refused."""
+    steps, budget trajectory and architecture to `reports/metrics/<name>*`; returns the metrics.
+    `restart_changed` (the DVC stages): a run whose params changed starts over. Without it (a notebook run by
+    hand) a finished run is kept as it is and shown, never retrained, and an unfinished one written with other
+    params is refused."""
     cfg = config_from_params(params, method, {"out": str(RUNS / name), **(overrides or {})})
     if not restart_changed and (RUNS / name / "metrics.json").is_file():
         print(f"{name}: finished run kept as it is ({RUNS / name}); `dvc repro` retrains it if its params changed")
