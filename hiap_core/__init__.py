@@ -48,6 +48,7 @@ from .core.pruned import (
     set_padded_attention,
 )
 from .core.pruner import Pruner, param_groups
+from .core.quotas import Quotas, quota_shortfalls, restore_quotas
 from .core.spec import LayerSpec, ViTSpec
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "LayerSpec",
     "PrunedViT",
     "Pruner",
+    "Quotas",
     "UnitCosts",
     "ViTSpec",
     "check_vit",
@@ -86,6 +88,8 @@ __all__ = [
     "optimize_for_inference",
     "param_groups",
     "prune_to_target",
+    "quota_shortfalls",
+    "restore_quotas",
     "round_to_budget",
     "save_pruned",
     "set_fused_attention",

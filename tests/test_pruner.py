@@ -52,7 +52,7 @@ def test_loss_is_the_task_plus_scaled_cost_penalties_plus_feasibility():
     feas = hiap_core.feasibility_penalty(model, 3, 0.125, 0.125)
     assert float(feas.detach()) > 0  # 3 heads at p = sigmoid(3) sum to 2.86: just under the minimum
     torch.testing.assert_close(terms["loss"], task + 0.3 * macro + 0.2 * micro + 5.0 * feas)
-    assert set(terms) == {"loss", "task", "macro", "micro", "feas"} and not terms["macro"].requires_grad
+    assert set(terms) == {"loss", "task", "macro", "micro", "feas", "undecided"} and not terms["macro"].requires_grad
     assert pruner.after_step(0) is None and pruner.penalty_scale == 1.0  # lambda mode
 
 
@@ -70,7 +70,7 @@ def test_temperature_follows_the_schedule_and_a_gated_model_is_not_gated_twice()
     [
         ({"total_steps": 0}, "total_steps"),
         ({"total_steps": 5, "target": 1.5e12}, "above the dense model"),
-        ({"total_steps": 5, "target": 0.001}, "smallest model the feasibility minimums allow"),
+        ({"total_steps": 5, "target": 0.001}, "smallest model the quotas allow"),
         ({"total_steps": 5, "target": 0.5, "lambda_micro": 0.0}, "penalties can reach when they push heads only"),
         ({"total_steps": 5, "target": 0.3, "lambda_macro": 0.0}, "push value dims and neurons only"),
         ({"total_steps": 5, "target": 0.5, "lambda_macro": 0.0, "lambda_micro": 0.0}, "both 0"),
@@ -87,7 +87,7 @@ def test_pruner_defaults_are_the_params_yaml_hiap_group():
     defaults = {n: p.default for n, p in inspect.signature(hiap_core.Pruner).parameters.items() if p.default is not p.empty}
     defaults["init_logit"] = GateConfig().init_logit  # None: the gates' own default
     shared = {n: v for n, v in defaults.items() if n in hiap}
-    assert len(shared) == 15  # every setting but `costs` and `target` (hiap.target_macs / target_latency)
+    assert len(shared) == 16  # every setting but `costs` and `target` (hiap.target_macs / target_latency)
     assert shared == {n: hiap[n] for n in shared}
 
 

@@ -7,16 +7,20 @@ from scipy import stats as scipy_stats
 from hiap_core.report import stats
 
 
-def runs_frame(rows):
-    return pd.DataFrame(rows, columns=["method", "budget", "seed", "macs_M", "reduction_pct", "params_M", "acc"])
+def runs_frame(rows, steps=None):
+    """Runs of these columns; `steps`: total training steps per method (194 where not named)."""
+    runs = pd.DataFrame(rows, columns=["method", "budget", "seed", "macs_M", "reduction_pct", "params_M", "acc"])
+    return runs.assign(total_steps=runs["method"].map(lambda m: (steps or {}).get(m, 194)))
 
 
 def test_seed_table_has_one_row_per_method_and_budget_with_mean_and_std():
     runs = runs_frame(
         [("HiAP", "b", s, 10.0 + s, 50.0, 1.0, a) for s, a in enumerate([80.0, 82.0, 84.0])]
-        + [("Uniform", "b", s, 10.0, 50.0, 1.0, 79.0) for s in range(3)]
+        + [("Uniform", "b", s, 10.0, 50.0, 1.0, 79.0) for s in range(3)],
+        steps={"Uniform": 291},
     )
     table = stats.seed_table(runs).set_index("method")
+    assert (table.loc["HiAP", "total_steps"], table.loc["Uniform", "total_steps"]) == (194, 291)
     assert table.loc["HiAP", "seeds"] == 3 and table.loc["HiAP", "acc_mean"] == pytest.approx(82.0)
     assert table.loc["HiAP", "acc_std"] == pytest.approx(2.0) and table.loc["HiAP", "macs_M"] == pytest.approx(11.0)
     assert table.loc["HiAP", "acc_sem"] == pytest.approx(2.0 / 3**0.5) and table.loc["Uniform", "acc_std"] == 0
@@ -25,9 +29,11 @@ def test_seed_table_has_one_row_per_method_and_budget_with_mean_and_std():
 def test_paired_interval_is_the_t_interval_of_the_per_seed_differences():
     hiap, other = [80.0, 82.5, 81.0, 83.0], [79.0, 82.0, 79.5, 82.9]
     runs = runs_frame(
-        [("HiAP", "b", s, 1, 1, 1, a) for s, a in enumerate(hiap)] + [("L1", "b", s, 1, 1, 1, a) for s, a in enumerate(other)]
+        [("HiAP", "b", s, 1, 1, 1, a) for s, a in enumerate(hiap)] + [("L1", "b", s, 1, 1, 1, a) for s, a in enumerate(other)],
+        steps={"L1": 291},
     )
     row = stats.paired_differences(runs, "HiAP").iloc[0]
+    assert row["steps"] == "194 vs 291"  # each side's total training steps, search included
     diffs = pd.Series(hiap) - pd.Series(other)
     half = scipy_stats.t.ppf(0.975, 3) * diffs.std() / 2
     assert row["versus"] == "L1" and row["seeds"] == 4
@@ -61,8 +67,10 @@ def test_frontier_points_carry_the_t_interval_over_seeds():
             "seed": [0, 1, 2],
             "acc": [80.0, 82.0, 84.0],
             "macs_fraction": [0.2, 0.2, 0.2],
+            "total_steps": [194] * 3,
         }
     )
     point = stats.frontier(runs).iloc[0]
+    assert point["total_steps"] == 194
     assert point["acc_mean"] == pytest.approx(82.0) and point["seeds"] == 3
     assert point["ci_half"] == pytest.approx(scipy_stats.t.ppf(0.975, 2) * 2.0 / 3**0.5)

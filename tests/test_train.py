@@ -714,3 +714,37 @@ def test_a_budget_exact_run_off_its_target_says_so_loudly_and_marks_its_metrics(
     landed = {"cost_fraction": 0.501, "target_fraction": 0.5, "unit": "MACs"}
     engine.Trainer._check_landed(trainer, landed)
     assert landed["missed_target"] is False and capsys.readouterr().out == ""
+
+
+def test_two_phase_trains_exactly_hiaps_post_freeze_steps_on_exactly_its_units(dense_run, tmp_path):
+    """The two-phase row at HiAP's compute: HiAP's kept units on the teacher's weights, fine-tuned for the steps
+    HiAP trained after its freeze, so that its search plus this fine-tune cost exactly HiAP's steps."""
+    from hiap_core.train.runs import post_freeze_epochs
+
+    search_fraction = 1 / 3  # 3 epochs: the gates freeze after 1, HiAP trains 2 more on its structure
+    params = {**TINY, "hiap": {**TINY["hiap"], "search_fraction": search_fraction}}
+    teacher = str(dense_run[0])
+    hiap = engine.train(
+        tiny_cfg("hiap", tmp_path / "hiap", teacher=teacher, target_macs=0.6, **{"hiap.search_fraction": search_fraction})
+    )
+    epochs = {"optim.epochs": post_freeze_epochs(params)}
+    two_phase = engine.train(tiny_cfg("two_phase", tmp_path / "two", teacher=teacher, structure=str(tmp_path / "hiap"), **epochs))
+    structure = hiap["structure"]
+    assert two_phase["steps"] == structure["total_steps"] - structure["search_steps"] == 2 * structure["search_steps"]
+    assert two_phase["total_steps"] == hiap["total_steps"] == hiap["steps"]
+    assert hiap_core.load_pruned(tmp_path / "two" / "model").spec == hiap_core.load_pruned(tmp_path / "hiap" / "model").spec
+    assert two_phase["macs"] == hiap["macs"]
+    with pytest.raises(ValueError, match="whole number"):  # 3 epochs at the default 0.5: 1.5 epochs after the freeze
+        post_freeze_epochs({**TINY, "hiap": {**TINY["hiap"], "search_fraction": 0.5}})
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_gates_learning_rate_follows_its_own_schedule(dense_run, tmp_path, schedule):
+    cfg = tiny_cfg("hiap", tmp_path / "run", teacher=str(dense_run[0]), **{"optim.gate_lr_schedule": schedule, "optim.epochs": 1})
+    trainer = engine.Trainer(cfg)
+    trainer.run()
+    gates = next(group for group in trainer.optimizer.param_groups if group.get("gates"))
+    last = trainer.total_steps - 1  # the rate the last step used
+    cosine = objective.lr_factor(last, trainer.total_steps, 0, cfg.optim.min_lr / cfg.optim.lr)
+    assert gates["lr"] == pytest.approx(cfg.optim.gate_lr * (cosine if schedule == "cosine" else 1.0))
+    assert cosine < 0.1  # the two schedules differ

@@ -39,6 +39,7 @@ from torch import nn
 from .cost import UnitCosts, expected_cost, spec_cost
 from .describe import describe
 from .gated_vit import gated_blocks, gates
+from .quotas import REOPEN_LOGIT, Quotas, closed_among_top, restore_quotas
 from .spec import ViTSpec
 
 
@@ -136,13 +137,16 @@ def projected_fraction(gated: nn.Module, costs: UnitCosts, dense_cost: float, la
 
 
 def finish_budget(
-    controller: BudgetController, gated: nn.Module, costs: UnitCosts, dense_cost: float, tolerance: float, min_heads: float
+    controller: BudgetController, gated: nn.Module, costs: UnitCosts, dense_cost: float, tolerance: float, quotas: Quotas
 ) -> dict:
-    """Round the trained gates to the target (`round_to_budget`); returns the run's budget metrics, with how
-    polarised the gates were when the search ended (hardened vs expected cost) and the largest scale used."""
+    """At the freeze: give layers below a quota their units back (`restore_quotas`), then round to the target
+    (`round_to_budget`), so the budget pays for them. Returns the run's budget metrics: the cost the controller
+    landed on before either, how polarised the gates were (hardened vs expected cost), the units restored and
+    rounded, and the largest scale used."""
     before = spec_cost(describe(gated), costs) / dense_cost
     expected = expected_fraction(gated, costs, dense_cost)
-    flipped = round_to_budget(gated, costs, controller.target * dense_cost, tolerance, min_heads)
+    restored = restore_quotas(gated, quotas)
+    flipped = round_to_budget(gated, costs, controller.target * dense_cost, tolerance, quotas)
     return {
         "unit": costs.unit,
         "target_fraction": controller.target,
@@ -150,21 +154,20 @@ def finish_budget(
         "cost_fraction_before_rounding": before,
         "hardened_vs_expected_gap": before / expected - 1.0,
         "cost_fraction": spec_cost(describe(gated), costs) / dense_cost,
+        "quota_units_restored": restored,
         "rounded_units": flipped,
         "final_penalty_scale": controller.scale,
         "max_penalty_scale": controller.max_scale,
     }
 
 
-def minimum_cost(
-    spec: ViTSpec, costs: UnitCosts, min_heads: float, min_value_fraction: float, heads: bool = True, micro: bool = True
-) -> float:
-    """The cheapest architecture the penalties can push to within the feasibility minimums: with `heads`
-    (lambda_macro > 0) `ceil(min_heads)` heads per layer, else all of them; with `micro` (lambda_micro > 0)
-    `ceil(min_value_fraction * head_dim)` value dims per head (at least one) and every FFN removed, else
-    every value dim and neuron kept (an unpenalised gate has no reason to close)."""
-    live_heads = math.ceil(min_heads) if heads else spec.num_heads
-    dims = max(1, math.ceil(min_value_fraction * spec.head_dim)) if micro else spec.head_dim
+def minimum_cost(spec: ViTSpec, costs: UnitCosts, quotas: Quotas, heads: bool = True, micro: bool = True) -> float:
+    """The cheapest architecture the penalties can push to within the quotas: with `heads` (lambda_macro > 0)
+    `quotas.heads` heads per layer, else all of them; with `micro` (lambda_micro > 0) `quotas.value_dims` value
+    dims per head and every FFN block closed, else every value dim and neuron kept (an unpenalised gate has no
+    reason to close)."""
+    live_heads = quotas.heads if heads else spec.num_heads
+    dims = quotas.value_dims if micro else spec.head_dim
     ffn = 0 if micro else costs.gamma * spec.mlp_hidden_dense
     return costs.static + len(spec.layers) * (live_heads * (costs.alpha + costs.beta * dims) + ffn)
 
@@ -178,8 +181,7 @@ def target_fraction(
     target: float,
     spec: ViTSpec,
     costs: UnitCosts,
-    min_heads: float,
-    min_value_fraction: float,
+    quotas: Quotas,
     lambda_macro: float = 1.0,
     lambda_micro: float = 1.0,
 ) -> float:
@@ -195,18 +197,18 @@ def target_fraction(
     fraction = target if target <= 1 else target / dense
     if fraction > 1:
         raise InfeasibleBudget(f"above the dense model's {dense:,.0f} {costs.unit}; a budget must be at most the dense cost")
-    floor = minimum_cost(spec.dense(), costs, min_heads, min_value_fraction) / dense
+    floor = minimum_cost(spec.dense(), costs, quotas) / dense
     if fraction < floor:
         raise InfeasibleBudget(
-            f"{fraction:.4g} of dense is below {floor:.4g}, the smallest model the feasibility minimums allow "
-            "(min_heads heads x min_value_fraction value dims per layer, no FFN): raise the target or "
-            "lower those minimums"
+            f"{fraction:.4g} of dense is below {floor:.4g}, the smallest model the quotas allow ({quotas.heads} "
+            f"heads of {quotas.value_dims} value dims per layer, no FFN: min_heads, min_value_fraction): raise the "
+            "target or lower those minimums"
         )
     if not (lambda_macro > 0 and lambda_micro > 0):
         if not (lambda_macro > 0 or lambda_micro > 0):
             raise InfeasibleBudget("needs a penalty to steer: lambda_macro and lambda_micro are both 0")
         penalised = "heads only (lambda_micro = 0)" if lambda_macro > 0 else "value dims and neurons only (lambda_macro = 0)"
-        reach = minimum_cost(spec.dense(), costs, min_heads, min_value_fraction, lambda_macro > 0, lambda_micro > 0) / dense
+        reach = minimum_cost(spec.dense(), costs, quotas, lambda_macro > 0, lambda_micro > 0) / dense
         if fraction < reach:
             raise InfeasibleBudget(
                 f"{fraction:.4g} of dense is below {reach:.4g}, the least the penalties can reach when they push "
@@ -220,33 +222,34 @@ def _open_dims(attn) -> torch.Tensor:
     return attn.value_gate.hard().view(attn.num_heads, attn.head_dim).sum(dim=1)
 
 
-def _micro_units(blocks: list, costs: UnitCosts, closing: bool) -> list:
-    """(confidence, [(gate, index)], cost) of value dims and neurons that may flip in live structures."""
+def _micro_units(blocks: list, costs: UnitCosts, closing: bool, quotas: Quotas) -> list:
+    """(confidence, [(gate, index)], cost) of value dims and neurons that may flip in live heads and FFNs: closing
+    keeps each head's `quotas.value_dims` and each FFN's `quotas.neurons` most confident units."""
     units = []
 
-    def add(gate: nn.Module, logits, offset: int, unit_cost: float) -> None:
+    def add(gate: nn.Module, logits, offset: int, unit_cost: float, quota: int) -> None:
         is_open = logits > 0
         if not is_open.any():
             return
-        keep = int(logits.argmax())  # closing never empties a head or an FFN
+        kept = set(map(int, torch.argsort(logits, descending=True, stable=True)[:quota])) if closing else set()
         units.extend(
             (abs(float(logits[i])), [(gate, offset + i)], unit_cost)
             for i in range(len(logits))
-            if bool(is_open[i]) == closing and not (closing and i == keep)
+            if bool(is_open[i]) == closing and i not in kept
         )
 
     for attn, mlp in blocks:
         values = attn.value_gate.logits.detach().view(attn.num_heads, attn.head_dim)
         for h in map(int, attn.head_gate.hard().nonzero()):
-            add(attn.value_gate, values[h], h * attn.head_dim, costs.beta)
+            add(attn.value_gate, values[h], h * attn.head_dim, costs.beta, quotas.value_dims)
         if mlp.block_gate.hard()[0]:
-            add(mlp.neuron_gate, mlp.neuron_gate.logits.detach(), 0, costs.gamma)
+            add(mlp.neuron_gate, mlp.neuron_gate.logits.detach(), 0, costs.gamma, quotas.neurons)
     return units
 
 
-def _head_units(blocks: list, costs: UnitCosts, closing: bool, min_heads: float) -> list:
+def _head_units(blocks: list, costs: UnitCosts, closing: bool, quotas: Quotas) -> list:
     """(confidence, [(gate, index)], cost) of whole heads that may flip: over budget each layer keeps its
-    `ceil(min_heads)` most confident live heads; a reopened head brings back a value dim if it has none."""
+    `quotas.heads` most confident live heads; a reopened head brings its value dims up to `quotas.value_dims`."""
     units = []
     for attn, _ in blocks:
         logits, dims = attn.head_gate.logits.detach(), _open_dims(attn)
@@ -255,69 +258,100 @@ def _head_units(blocks: list, costs: UnitCosts, closing: bool, min_heads: float)
             live = sorted(map(int, alive.nonzero()), key=lambda h: -float(logits[h]))
             units.extend(
                 (abs(float(logits[h])), [(attn.head_gate, h)], costs.alpha + costs.beta * int(dims[h]))
-                for h in live[max(1, math.ceil(min_heads)) :]
+                for h in live[quotas.heads :]
             )
         else:
             values = attn.value_gate.logits.detach().view(attn.num_heads, attn.head_dim)
             for h in map(int, (~alive).nonzero()):
                 flips = [(attn.head_gate, h)] if not attn.head_gate.hard()[h] else []
-                if dims[h] == 0:  # bring back its most confident value dim
-                    flips.append((attn.value_gate, h * attn.head_dim + int(values[h].argmax())))
-                units.append((abs(float(logits[h])), flips, costs.alpha + costs.beta * max(int(dims[h]), 1)))
+                flips += [(attn.value_gate, h * attn.head_dim + i) for i in closed_among_top(values[h], quotas.value_dims)]
+                units.append((abs(float(logits[h])), flips, costs.alpha + costs.beta * max(int(dims[h]), quotas.value_dims)))
     return units
 
 
-def _ffn_units(blocks: list, costs: UnitCosts) -> list:
+def _ffn_units(blocks: list, costs: UnitCosts, quotas: Quotas) -> list:
     """(confidence, [(gate, index)], cost) of FFNs that cost nothing now (block closed, or open without a
-    neuron) to bring back: a closed block reopens with its open neurons, or its most confident one."""
+    neuron) to bring back: a reopened FFN keeps its open neurons, brought up to `quotas.neurons`."""
     units = []
     for _, mlp in blocks:
         is_open, neurons = bool(mlp.block_gate.hard()[0]), mlp.neuron_gate.logits.detach()
         alive = int((neurons > 0).sum())
         if is_open and alive:
             continue
-        flips = ([] if is_open else [(mlp.block_gate, 0)]) + ([] if alive else [(mlp.neuron_gate, int(neurons.argmax()))])
+        flips = [] if is_open else [(mlp.block_gate, 0)]
+        flips += [(mlp.neuron_gate, i) for i in closed_among_top(neurons, quotas.neurons)]
         confidence = abs(float(mlp.block_gate.logits.detach()[0] if not is_open else neurons.max()))
-        units.append((confidence, flips, costs.gamma * max(alive, 1)))
+        units.append((confidence, flips, costs.gamma * max(alive, quotas.neurons)))
     return units
 
 
-def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance: float, min_heads: float = 1) -> int:
-    """Flip the least confident gates (logits nearest 0) until the hardened cost (absolute, `costs` units)
-    is within `tolerance` (relative) of `target`; returns the number of units flipped.
+def _ffn_block_units(blocks: list, costs: UnitCosts) -> list:
+    """(confidence, [(gate, index)], cost) of live FFN blocks, to close whole: the coarsest step over budget."""
+    units = []
+    for _, mlp in blocks:
+        neurons = int(mlp.hard_neuron_mask().sum())
+        if mlp.hard_block_open() and neurons:
+            units.append((abs(float(mlp.block_gate.logits.detach()[0])), [(mlp.block_gate, 0)], costs.gamma * neurons))
+    return units
 
-    Value dims and neurons of live heads and FFNs go first (fine steps); whole heads only when those run
-    out: over budget, each layer keeps its `ceil(min_heads)` most confident live heads; under budget, a
-    reopened head brings back its open value dims (or its most confident one), and a reopened FFN block its
-    open neurons (or its most confident one), least confident first. Every live head and FFN
-    keeps a unit, so the cost stays the linear sum the controller steered, and the result lands within
-    one value dim or neuron of the target unless every unit in that direction is spent."""
+
+def round_to_budget(gated: nn.Module, costs: UnitCosts, target: float, tolerance: float, quotas: Quotas) -> int:
+    """Flip the least confident gates (logits nearest 0) until the hardened cost (absolute, `costs` units)
+    is within `tolerance` (relative) of `target`, never below a quota; returns the number of units flipped.
+
+    Fine steps first (value dims and neurons of live heads and FFNs, down to their quotas), then whole heads
+    (each layer keeps its `quotas.heads` most confident), then whole FFN blocks: first the coarse steps fine
+    steps can come back from within the tolerance, then any. A reopened head or FFN block gets its quota of
+    units back; fine steps follow each coarse step, and a reopening they cannot pay for is closed again. The cost
+    ends at most `tolerance` above the target (or at the quotas' floor), within one fine step below it."""
     blocks = gated_blocks(gated)
     cost = spec_cost(describe(gated), costs)
     flipped = 0
 
-    def flip(units: list, closing: bool) -> None:
+    def flip(units: list, closing: bool, fine: bool = False, may_strand: bool = True) -> None:
         nonlocal cost, flipped
         for _, flips, unit_cost in sorted(units, key=lambda u: u[0]):
             if (cost <= target) if closing else (cost >= target):
                 return
+            if fine and not closing and cost + unit_cost > target * (1 + tolerance):
+                continue  # a fine step up never breaks the budget (a coarse one may: fine steps then close back)
+            before = [float(gate.logits.data[index]) for gate, index in flips]
             for gate, index in flips:  # just across the threshold: these were the least sure units
-                gate.logits.data[index] = -1e-3 if closing else 1e-3
+                gate.logits.data[index] = -REOPEN_LOGIT if closing else REOPEN_LOGIT
+            if not may_strand and cost - unit_cost + fine_steps_up() < target * (1 - tolerance):
+                for (gate, index), logit in zip(flips, before):  # fine steps could not come back within the tolerance
+                    gate.logits.data[index] = logit
+                continue
             cost += -unit_cost if closing else unit_cost
             flipped += 1
+
+    def fine_steps_up() -> float:
+        return sum(unit_cost for _, _, unit_cost in _micro_units(blocks, costs, False, quotas))
 
     def within() -> bool:
         return abs(cost / target - 1.0) <= tolerance
 
+    def fine_steps_back() -> None:
+        if not within():
+            flip(_micro_units(blocks, costs, cost > target, quotas), cost > target, fine=True)
+
+    def close_coarse(may_strand: bool) -> None:
+        for coarse in (lambda: _head_units(blocks, costs, True, quotas), lambda: _ffn_block_units(blocks, costs)):
+            if not within() and cost > target:
+                flip(coarse(), True, may_strand=may_strand)
+                fine_steps_back()
+
     closing = cost > target
     if not within():
-        flip(_micro_units(blocks, costs, closing), closing)
-    if not within() and not closing and cost < target:  # under budget, fine steps spent: empty FFNs, then neurons
-        flip(_ffn_units(blocks, costs), False)
-        if not within():
-            flip(_micro_units(blocks, costs, cost > target), cost > target)
-    if not within() and (cost > target) == closing:  # still short: whole heads, then fine steps back
-        flip(_head_units(blocks, costs, closing, min_heads), closing)
-        if not within():
-            flip(_micro_units(blocks, costs, cost > target), cost > target)
+        flip(_micro_units(blocks, costs, closing, quotas), closing, fine=True)
+    if not within() and not closing and cost < target:  # under budget, fine steps spent: empty FFNs, then heads
+        flip(_ffn_units(blocks, costs, quotas), False)
+        fine_steps_back()
+        if not within() and cost < target:
+            flip(_head_units(blocks, costs, False, quotas), False)
+            fine_steps_back()
+    # over budget (from the start, or after a reopening fine steps could not pay for): whole heads, then FFN blocks,
+    # first those the fine steps can bring back within the tolerance, then any
+    close_coarse(may_strand=False)
+    close_coarse(may_strand=True)
     return flipped

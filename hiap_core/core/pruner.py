@@ -36,6 +36,8 @@ from .gated_vit import (
     set_temperature,
 )
 from .losses import cost_penalties, feasibility_penalty, temperature_at
+from .polarisation import polarisation, undecided_term
+from .quotas import Quotas, quota_shortfalls, restore_quotas
 from .pruned import PrunedViT
 
 
@@ -89,6 +91,12 @@ def _gated(model: nn.Module, init_logit: float | None, tau: float) -> nn.Module:
     return model
 
 
+def _target_fraction(target, spec, costs: UnitCosts, quotas: Quotas, lambda_macro: float, lambda_micro: float) -> float:
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
+        raise ValueError(f"target must be a finite number (a fraction of the dense cost, or a cost), got {target!r}")
+    return target_fraction(target, spec, costs, quotas, lambda_macro, lambda_micro)
+
+
 class Pruner:
     """Gates `model` (a timm ViT, in place) and drives HiAP over `total_steps` optimizer steps.
 
@@ -114,6 +122,7 @@ class Pruner:
         lambda_macro: float = 0.1,
         lambda_micro: float = 0.05,
         lambda_feas: float = 10.0,
+        lambda_polarise: float = 0.0,
         tau0: float = 2.0,
         tau_min: float = 0.5,
         init_logit: float | None = None,
@@ -131,6 +140,7 @@ class Pruner:
     ):
         _check_numbers(
             {"lambda_macro": lambda_macro, "lambda_micro": lambda_micro, "lambda_feas": lambda_feas}
+            | {"lambda_polarise": lambda_polarise}
             | ({} if init_logit is None else {"init_logit": init_logit}),
             {"min_heads": min_heads, "min_value_fraction": min_value_fraction, "min_neuron_fraction": min_neuron_fraction},
             {"total_steps": total_steps, "tau0": tau0, "tau_min": tau_min},
@@ -140,22 +150,24 @@ class Pruner:
         self.search_steps = max(1, round(search_fraction * self.total_steps))  # the gates freeze after these
         temperature_at(0, self.search_steps, tau0, tau_min)  # checks the schedule before any work
         self.model = _gated(model, init_logit, tau0)
-        if min_heads > (heads := describe(self.model).num_heads):
-            raise ValueError(f"min_heads = {min_heads} is more than the model's {heads} heads per layer")
+        spec = describe(self.model)
+        self.quotas = Quotas.of(spec, min_heads, min_value_fraction, min_neuron_fraction)
         set_gate_forward(self.model, gate_forward)
         self._gates = gates(self.model)  # walked every step: found once
         self.tau0, self.tau_min = tau0, tau_min
         self.lambda_macro, self.lambda_micro, self.lambda_feas = lambda_macro, lambda_micro, lambda_feas
+        # the polarising term acts from the deadline on: before it the gates still have a structure to find
+        self.lambda_polarise, self.polarise_from = lambda_polarise, round(budget_deadline * self.search_steps)
+        self.step = 0
         self.minimums = (min_heads, min_value_fraction, min_neuron_fraction)
-        spec = describe(self.model)
         self.costs = costs or unit_costs(spec)
         self.dense_cost = spec_cost(spec.dense(), self.costs)  # fixed for the run: computed once
         self.dense_prunable = self.dense_cost - self.costs.static
         self.budget, self.budget_rows, self.tolerance, self.rounding = None, [], budget_tolerance, {}
+        self.quota_units_restored: int | None = None  # None until the freeze
+        self.at_freeze: dict = {}  # how polarised the gates were when the search ended (`polarisation`)
         if target is not None:
-            if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
-                raise ValueError(f"target must be a finite number (a fraction of the dense cost, or a cost), got {target!r}")
-            fraction = target_fraction(target, spec, self.costs, min_heads, min_value_fraction, lambda_macro, lambda_micro)
+            fraction = _target_fraction(target, spec, self.costs, self.quotas, lambda_macro, lambda_micro)
             self.budget = BudgetController(fraction, budget_lr, budget_deadline, budget_gain)
         self.tau = tau0
         self.settled_step, self._structure = 0, self._hard_structure()
@@ -185,31 +197,36 @@ class Pruner:
     def set_step(self, step: int) -> float:
         """Set the gate temperature of optimizer step `step` (0-based) and, once the search is over, round
         and freeze the gates (idempotent, so a resumed run calls it the same way); returns the temperature."""
+        self.step = step
         self.tau = temperature_at(step, self.search_steps, self.tau0, self.tau_min)
         set_temperature(self.model, self.tau)
         if step >= self.search_steps and not self.frozen:
-            self._round()
+            self._settle()
             freeze_gates(self.model)
             self._note_structure(self.search_steps)
         return self.tau
 
-    def _penalties(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(L_macro, L_micro, L_feas) of the current gate probabilities."""
+    def _penalties(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L_macro, L_micro, L_feas, L_undecided) of the current gate probabilities."""
         macro, micro = cost_penalties(expected_cost(self.model, self.costs, self.dense_prunable))
-        return macro, micro, feasibility_penalty(self.model, *self.minimums)
+        return macro, micro, feasibility_penalty(self.model, *self.minimums), undecided_term(self.model, self.costs)
 
     def loss(self, task: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`task + scale * (lambda_macro L_macro + lambda_micro L_micro) + lambda_feas L_feas` under `loss`,
-        with each term (penalties detached) for logging; the task alone once the gates are frozen."""
+        """`task + scale * (lambda_macro L_macro + lambda_micro L_micro) + lambda_feas L_feas` (+ `lambda_polarise
+        L_undecided` from the deadline on) under `loss`, with each term (penalties detached) for logging; the
+        task alone once the gates are frozen."""
         if self.frozen:
             if self._frozen_penalties is None:  # frozen gates: constant penalties, computed once
                 with torch.no_grad():
                     self._frozen_penalties = self._penalties()
-            macro, micro, feas = self._frozen_penalties
-            return {"loss": task, "task": task, "macro": macro, "micro": micro, "feas": feas}
-        macro, micro, feas = self._penalties()
+            macro, micro, feas, undecided = self._frozen_penalties
+            return {"loss": task, "task": task, "macro": macro, "micro": micro, "feas": feas, "undecided": undecided}
+        macro, micro, feas, undecided = self._penalties()
         loss = task + self.penalty_scale * (self.lambda_macro * macro + self.lambda_micro * micro) + self.lambda_feas * feas
-        return {"loss": loss, "task": task, "macro": macro.detach(), "micro": micro.detach(), "feas": feas.detach()}
+        if self.lambda_polarise and self.step >= self.polarise_from:
+            loss = loss + self.lambda_polarise * undecided
+        terms = {"macro": macro, "micro": micro, "feas": feas, "undecided": undecided}
+        return {"loss": loss, "task": task, **{k: v.detach() for k, v in terms.items()}}
 
     def _note_structure(self, steps_done: int) -> None:
         structure = self._hard_structure()
@@ -252,32 +269,45 @@ class Pruner:
         self.budget_rows.append(row)
         return row
 
-    def _round(self) -> None:
-        """Budget-exact mode: round the hardened cost to the target (its metrics land in `rounding`)."""
-        if self.budget is not None and not self.rounding:
-            self.rounding = finish_budget(self.budget, self.model, self.costs, self.dense_cost, self.tolerance, self.minimums[0])
+    def _settle(self) -> None:
+        """At the end of the search (once): every layer gets back what its quotas ask for; in budget-exact mode
+        the hardened cost is then rounded to the target (its metrics land in `rounding`)."""
+        if self.quota_units_restored is not None:
+            return
+        self.at_freeze = polarisation(self.model, self.costs)
+        if self.budget is not None:
+            self.rounding = finish_budget(self.budget, self.model, self.costs, self.dense_cost, self.tolerance, self.quotas)
+            self.quota_units_restored = self.rounding.pop("quota_units_restored")  # reported once, in `summary`
+        else:
+            self.quota_units_restored = restore_quotas(self.model, self.quotas)
+        if shortfalls := quota_shortfalls(self.model, self.quotas):  # the rounding keeps them: a bug if reached
+            raise RuntimeError("the settled structure breaks its quotas: " + "; ".join(shortfalls))
 
     def finish(self) -> PrunedViT:
-        """Round to the budget (unless the search already ended and did), harden and extract."""
+        """Meet the quotas and round to the budget (unless the search already ended and did), harden and extract."""
         self.model.eval()
-        self._round()
+        self._settle()
         self._note_structure(self.total_steps)  # a search to the end rounds here: closing_steps must see it
         return extract(self.model)
 
     def summary(self) -> dict:
         """When the structure settled: the step after which the hardened gates last changed, as a count and
-        as a fraction of training, and where the search ended."""
+        as a fraction of training, where the search ended, how many units the quotas gave back at its end, and
+        how polarised the gates were then (`polarisation`: the part the quotas and the rounding settled)."""
         return {
             "settled_step": self.settled_step,
             "settled_fraction": self.settled_step / self.total_steps,
             "search_steps": self.search_steps,
             "total_steps": self.total_steps,
+            "quota_units_restored": self.quota_units_restored,
+            "at_freeze": dict(self.at_freeze),
         }
 
     def state_dict(self) -> dict:
         """What a resumed run needs besides the model and optimizer: the controller, its trajectory, the
         rounding done at the end of the search and when the structure last changed."""
         state = {"settled_step": self.settled_step, "rounding": dict(self.rounding), "closed_at": self.closed_at.clone()}
+        state["quota_units_restored"], state["at_freeze"] = self.quota_units_restored, dict(self.at_freeze)
         state["last_logits"] = self._last_logits
         if self.budget is not None:
             state.update(budget=self.budget.state_dict(), budget_rows=list(self.budget_rows))
@@ -287,6 +317,12 @@ class Pruner:
         """Restore `state_dict()` after the model's own weights (the structure is read off them)."""
         self.settled_step, self.rounding, self._structure = state["settled_step"], dict(state["rounding"]), self._hard_structure()
         self.closed_at = state["closed_at"].clone().cpu()
+        if "quota_units_restored" not in state:
+            raise ValueError(
+                "this checkpoint was written before the quotas were enforced at the freeze: its "
+                "structure may break them. Delete it (or its run folder) to retrain the run"
+            )
+        self.quota_units_restored, self.at_freeze = state["quota_units_restored"], dict(state["at_freeze"])
         self._last_logits = [logits.to(gate.logits.device) for logits, gate in zip(state["last_logits"], self._gates)]
         if self.budget is not None:
             self.budget.load_state_dict(state["budget"])

@@ -46,7 +46,7 @@ from ..train.data import CROP_PADDING, NORMALIZATION, ArrayDataset, TensorLoader
 from ..train.device import autocast, use_tensor_cores
 from ..train.paths import PARAMS, REPORTS, RUNS
 from ..train.profiles import PROFILES, merge
-from ..train.runs import sweep_overrides
+from ..train.runs import post_freeze_epochs, sweep_overrides
 from .bench import training_step
 from .states import extracted_models
 
@@ -312,18 +312,22 @@ def paper_runs(params: dict) -> dict:
         return {"runs": count, "epochs": cfg.optim.epochs, "train_images": images, "batch_size": batch, "steps": steps}
 
     baselines = params["baselines"]
-    return {
+    full_length = [m for m in baselines["methods"] if m != "two_phase"]
+    runs = {
         "dense": shape(1, "dense"),
         # Table 3's HiAP runs, the gate-forward ablation (every seed) and the latency-targeted run
         "hiap": shape(budgets * seeds + seeds + 1, "hiap"),
-        # every baseline at every budget and seed, the floor methods at theirs, and the unpruned fine-tuning control
+        # every full-length baseline at every budget and seed, the floor methods at theirs, and the unpruned
+        # fine-tuning control
         "baselines": shape(
-            (len(baselines["methods"]) * budgets + len(baselines["floor_methods"]) * len(baselines["floor_budgets"])) * seeds
-            + seeds,
+            (len(full_length) * budgets + len(baselines["floor_methods"]) * len(baselines["floor_budgets"])) * seeds + seeds,
             "finetune",
         ),
         "sweep": shape(len(ratios), "hiap", sweep_overrides(params, next(iter(ratios)))),
     }
+    if "two_phase" in baselines["methods"]:  # HiAP's post-freeze epochs only
+        runs["two_phase"] = shape(budgets * seeds, "finetune", {"optim.epochs": post_freeze_epochs(params)})
+    return runs
 
 
 ESTIMATE_FORMULA = (

@@ -15,6 +15,7 @@ from ..train.config import config_from_params
 from ..train.models import build_model, load_teacher
 from ..train.paths import RUNS
 from ..train.runs import run_metrics
+from ..train.search_levers import freeze_figures
 
 
 def teacher_scores(teacher: torch.nn.Module) -> pd.DataFrame:
@@ -45,20 +46,30 @@ def dense_teacher(params: dict) -> torch.nn.Module:
     return build_model(cfg, load_teacher(cfg)).eval()
 
 
+def _quartiles(values: list[float] | None) -> str:
+    return "none" if values is None else " / ".join(f"{v:.2f}" for v in values)
+
+
 def search_table(names: list[str], scores: pd.DataFrame) -> pd.DataFrame:
-    """Per HiAP run: its largest penalty scale, the hardened-vs-expected gap at the freeze, the units rounded,
-    and Spearman's rho of importance vs the step each neuron and value dim closed."""
+    """Per HiAP run, at the freeze (`search_levers.freeze_figures`): the cost-weighted disagreement of the gates with
+    their hardened state (D, and its open and closed sides), the share of the gated cost at |logit| < 1, the
+    quartiles of the open and the closed logits (`core/polarisation.py`), where the controller left the cost
+    against the target, the units the quotas gave back and the rounding flipped (and their share of all gated
+    units), the targets missed; then the largest penalty scale and Spearman's rho of importance vs the step each
+    neuron and value dim closed."""
     rows = []
     for name in names:
-        budget = run_metrics(name)["budget"]
+        metrics = run_metrics(name)
+        frozen = metrics["structure"]["at_freeze"]
         rho = closing_vs_importance(pd.read_csv(RUNS / name / "closing.csv"), scores).set_index("kind")["rho"]
         rows.append(
             {
                 "run": name,
-                "target_fraction": budget["target_fraction"],
-                "max_penalty_scale": budget["max_penalty_scale"],
-                "hardened_vs_expected_pct": 100 * budget["hardened_vs_expected_gap"],
-                "rounded_units": budget["rounded_units"],
+                "target_fraction": metrics["budget"]["target_fraction"],
+                **freeze_figures(metrics),
+                "open_logit_quartiles": _quartiles(frozen["open_logit_quartiles"]),
+                "closed_logit_quartiles": _quartiles(frozen["closed_logit_quartiles"]),
+                "max_penalty_scale": metrics["budget"]["max_penalty_scale"],
                 "rho_neurons": rho.get("neuron"),
                 "rho_value_dims": rho.get("value_dim"),
             }

@@ -27,6 +27,7 @@ def seed_runs(names: dict[tuple[str, str, int], str]) -> pd.DataFrame:
                 "reduction_pct": m["reduction_pct"],
                 "params_M": m["params"] / 1e6,
                 "acc": 100 * m["test_acc"],
+                "total_steps": m["total_steps"],  # search included
                 "settled_fraction": m.get("structure", {}).get("settled_fraction"),
             }
         )
@@ -34,11 +35,13 @@ def seed_runs(names: dict[tuple[str, str, int], str]) -> pd.DataFrame:
 
 
 def seed_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per method and budget: seeds, mean MACs (M), reduction, params (M), accuracy mean and standard
-    deviation over seeds (percent), and the standard error of the mean."""
+    """Per method and budget: seeds, total training steps (the search that found the structure included), mean
+    MACs (M), reduction, params (M), accuracy mean and standard deviation over seeds (percent), and the standard
+    error of the mean."""
     grouped = runs.groupby(["method", "budget"], sort=False)
     table = grouped.agg(
         seeds=("seed", "nunique"),
+        total_steps=("total_steps", "mean"),
         macs_M=("macs_M", "mean"),
         reduction_pct=("reduction_pct", "mean"),
         params_M=("params_M", "mean"),
@@ -61,6 +64,7 @@ def frontier(runs: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
                 "method": method,
                 "budget": budget,
                 "seeds": n,
+                "total_steps": group["total_steps"].mean(),
                 "macs_fraction": group["macs_fraction"].mean(),
                 "acc_mean": group["acc"].mean(),
                 "ci_half": half,
@@ -88,6 +92,7 @@ def paired_differences(
     rows = []
     for budget, at_budget in runs.groupby("budget", sort=False):
         by_seed = at_budget.pivot_table(index="seed", columns="method", values="acc")
+        steps = at_budget.groupby("method")["total_steps"].mean()
         if reference not in by_seed:
             continue
         for other in (m for m in by_seed.columns if m != reference and (versus is None or m in versus)):
@@ -103,6 +108,7 @@ def paired_differences(
                 {
                     "budget": budget,
                     "versus": other,
+                    "steps": f"{steps[reference]:.0f} vs {steps[other]:.0f}",  # total training steps, search included
                     "seeds": n,
                     "diff_mean": mean,
                     "ci_low": mean - half,
@@ -110,7 +116,7 @@ def paired_differences(
                     "p": p,
                 }
             )
-    table = pd.DataFrame(rows, columns=["budget", "versus", "seeds", "diff_mean", "ci_low", "ci_high", "p"])
+    table = pd.DataFrame(rows, columns=["budget", "versus", "steps", "seeds", "diff_mean", "ci_low", "ci_high", "p"])
     table["p_holm"] = holm(list(table["p"]))
     table["significant"] = table["p_holm"] < alpha
     return table

@@ -45,7 +45,8 @@ METHOD_LABELS = {
     "l1_ffn": "L1-Structured (FFN)",
     "torch_pruning": "Torch-Pruning (L1 group, global)",
     "hiap": "HiAP",
-    "transplant": "HiAP structure, baseline fine-tune (transplant)",
+    "transplant": "HiAP structure, full baseline fine-tune (transplant)",
+    "two_phase": "HiAP structure, post-freeze fine-tune (two-phase at HiAP's compute)",
 }
 
 

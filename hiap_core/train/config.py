@@ -18,12 +18,15 @@ from ..core.errors import first_line
 from ..core.gated_vit import GATE_FORWARDS
 
 # finetune: the teacher, KD fine-tuned, unpruned; transplant: a HiAP run's units on the teacher's weights, fine-tuned
-METHODS = ("dense", "hiap", "uniform", "l1_ffn", "torch_pruning", "finetune", "transplant")
+# as a baseline (its full steps); two_phase: the same, fine-tuned for HiAP's post-freeze steps only (HiAP's compute)
+METHODS = ("dense", "hiap", "uniform", "l1_ffn", "torch_pruning", "finetune", "transplant", "two_phase")
+TRANSPLANTS = ("transplant", "two_phase")  # the methods that train a HiAP run's units (`structure`)
 COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
 IMAGES = {"fashion_mnist": (1, 28), "cifar10": (3, 32), "imagenet": (3, None)}  # (channels, side; None: resized)
 AUGMENTATIONS = ("crop_flip", "flip", "none")  # data.augment of the in-memory datasets (ImageNet: timm/DeiT's)
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # optim.amp; auto: bf16 autocast on a CUDA GPU with bf16, else fp32
+GATE_LR_SCHEDULES = ("cosine", "constant")  # optim.gate_lr_schedule
 
 
 class ConfigError(ValueError):
@@ -73,6 +76,7 @@ class OptimConfig:
     label_smoothing: float = 0.1
     grad_clip: float = 1.0  # 0: off
     gate_lr: float = 0.1  # learning rate of the gate logits (HiAP; the `hiap` group's)
+    gate_lr_schedule: str = "cosine"  # the gates' rate over the search: cosine (the weights' decay, no warmup) | constant
     amp: str = "auto"  # autocast of the forward passes: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | off
     compile: bool = False  # torch.compile the training network (the first steps pay for the compilation)
 
@@ -82,6 +86,7 @@ class HiAPConfig:
     lambda_macro: float = 0.1
     lambda_micro: float = 0.05
     lambda_feas: float = 10.0
+    lambda_polarise: float = 0.0  # weight of the polarising term sum w p(1 - p) / sum w, from budget_deadline on
     tau0: float = 2.0
     tau_min: float = 0.5
     init_logit: float = 3.0
@@ -188,6 +193,13 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
     """(field, holds, rule) for the value ranges of every group."""
     return [
         ("method", cfg.method in METHODS, f"must be one of {', '.join(METHODS)}"),
+        *_model_rules(cfg),
+        *_optim_hiap_rules(cfg),
+    ]
+
+
+def _model_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    return [
         ("model.img_size", cfg.model.img_size >= 1, "must be >= 1"),
         (
             "model.patch_size",
@@ -215,6 +227,11 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("model.mlp_ratio", cfg.model.mlp_ratio > 0, "must be > 0"),
         ("model.num_classes", cfg.model.num_classes >= 2, "must be >= 2"),
         ("model.drop_path", 0 <= cfg.model.drop_path < 1, "must be in [0, 1)"),
+    ]
+
+
+def _optim_hiap_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
+    return [
         ("optim.epochs", cfg.optim.epochs >= 1, "must be >= 1"),
         ("optim.batch_size", cfg.optim.batch_size >= 1, "must be >= 1"),
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
@@ -224,12 +241,18 @@ def _range_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("optim.label_smoothing", 0 <= cfg.optim.label_smoothing < 1, "must be in [0, 1)"),
         ("optim.grad_clip", cfg.optim.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
         ("optim.gate_lr", cfg.optim.gate_lr > 0, "must be > 0"),
+        (
+            "optim.gate_lr_schedule",
+            cfg.optim.gate_lr_schedule in GATE_LR_SCHEDULES,
+            f"must be one of {', '.join(GATE_LR_SCHEDULES)}",
+        ),
         ("optim.amp", cfg.optim.amp in AMP_MODES, f"must be one of {', '.join(AMP_MODES)}"),
         ("seed", 0 <= cfg.seed < 2**31, "must be in [0, 2**31)"),
         ("hiap.init_logit", cfg.hiap.init_logit > 0, "must be > 0: every gate starts open (a negative one closes every unit)"),
         ("hiap.lambda_macro", cfg.hiap.lambda_macro >= 0, "must be >= 0"),
         ("hiap.lambda_micro", cfg.hiap.lambda_micro >= 0, "must be >= 0"),
         ("hiap.lambda_feas", cfg.hiap.lambda_feas >= 0, "must be >= 0"),
+        ("hiap.lambda_polarise", cfg.hiap.lambda_polarise >= 0, "must be >= 0 (0: off, as in the paper)"),
         ("hiap.tau0", cfg.hiap.tau0 > 0, "must be > 0"),
         ("hiap.tau_min", 0 < cfg.hiap.tau_min <= cfg.hiap.tau0, "must be in (0, hiap.tau0]"),
         ("hiap.min_heads", 0 <= cfg.hiap.min_heads <= cfg.model.num_heads, "must be in [0, model.num_heads]"),
@@ -290,8 +313,8 @@ def _validate(cfg: RunConfig) -> None:
             _fail("target_macs", cfg.target_macs, f"must be in (0, 1) for method {cfg.method}")
     if cfg.method == "dense" and cfg.teacher_logits is not None:
         _fail("teacher_logits", cfg.teacher_logits, "the dense teacher distils from nobody: leave it null")
-    if (cfg.method == "transplant") != (cfg.structure is not None):
-        _fail("structure", cfg.structure, "a HiAP run folder for method transplant, and only for it")
+    if (cfg.method in TRANSPLANTS) != (cfg.structure is not None):
+        _fail("structure", cfg.structure, "a HiAP run folder for methods transplant and two_phase, and only for them")
     if cfg.method != "dense" and cfg.teacher is None and cfg.model.pretrained is None:
         _fail("teacher", None, f"method {cfg.method} needs the dense run's folder (teacher) or model.pretrained")
     if cfg.model.name != "custom" and cfg.model.name not in _timm_models():
@@ -349,6 +372,7 @@ STAGE_GROUPS = {  # the params.yaml group each method's optimiser settings come 
     "torch_pruning": "baselines",
     "finetune": "baselines",
     "transplant": "baselines",
+    "two_phase": "baselines",
 }
 SECTIONS = ("data", "model", "optim", "hiap")
 KD_KEYS = ("kd_alpha", "kd_temperature")  # the `hiap` settings every distilled run reads, not only HiAP's
@@ -356,11 +380,11 @@ KD_KEYS = ("kd_alpha", "kd_temperature")  # the `hiap` settings every distilled 
 
 def read_by(method: str, field: str) -> bool:
     """Whether a run of `method` reads config `field` (`hiap.lambda_macro`): only HiAP reads the gate settings
-    (`hiap.*` but the KD ones, `optim.gate_lr`); dense and the baselines train no gates."""
+    (`hiap.*` but the KD ones, `optim.gate_lr` and its schedule); dense and the baselines train no gates."""
     if method == "hiap":
         return True
     section, _, name = field.partition(".")
-    return field != "optim.gate_lr" and (section != "hiap" or name in KD_KEYS)
+    return field not in ("optim.gate_lr", "optim.gate_lr_schedule") and (section != "hiap" or name in KD_KEYS)
 
 
 _STAGE_DATA_KEYS = ("train_subset", "augment")  # a stage may train on a subset of the shared data

@@ -16,6 +16,7 @@ around them: data, resume, epochs, evaluation and the final metrics.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -30,7 +31,7 @@ from ..core.cost import count_macs, expected_macs
 from ..core.extract import extract
 from ..core.gated_vit import gate_parameters, gate_vit
 from ..core.pruner import Pruner, param_groups
-from .config import ConfigError, RunConfig
+from .config import TRANSPLANTS, ConfigError, RunConfig
 from .data import build_loaders, load_teacher_logits
 from .device import Dist, autocast, autocast_dtype, setup_distributed, use_tensor_cores
 from .models import build_model, load_teacher, teacher_fingerprint
@@ -200,8 +201,11 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # gate noise and dropout: same on every rank, resumable
         factor = lr_factor(step, self.total_steps, self.warmup, cfg.optim.min_lr / cfg.optim.lr)
         # the gates search from the first step: a warmup of their rate would freeze the logits while the
-        # budget controller, seeing no cost move, drives the penalty scale up (measured: 10% accuracy)
-        gate_factor = lr_factor(step, self.total_steps, 0, cfg.optim.min_lr / cfg.optim.lr)
+        # budget controller, seeing no cost move, drives the penalty scale up (measured: 10% accuracy); `constant`
+        # keeps the rate of the first step through the search, which ends before the weights' rate has decayed
+        gate_factor = 1.0
+        if cfg.optim.gate_lr_schedule == "cosine":
+            gate_factor = lr_factor(step, self.total_steps, 0, cfg.optim.min_lr / cfg.optim.lr)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * (gate_factor if group.get("gates") else factor)
         if pruner is not None:
@@ -332,7 +336,7 @@ class Trainer:
         acc, test_loss = evaluate(final, self.loaders.test, self.dist, self.show, self.amp_dtype)
         if not math.isfinite(test_loss):
             self._diverged(f"non-finite test loss of the final model ({test_loss})")
-        metrics = final_metrics(cfg, final, acc, test_loss, self.history)
+        metrics = final_metrics(cfg, final, acc, test_loss, self.history, self.total_steps)
         if self.loaders.val is not None:
             metrics["val_acc"], metrics["val_loss"] = evaluate(final, self.loaders.val, self.dist, self.show, self.amp_dtype)
         if self.pruner is not None:
@@ -355,9 +359,14 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
-def final_metrics(cfg: RunConfig, final: nn.Module, acc: float, test_loss: float, history: list[dict]) -> dict:
-    """metrics.json of a run: accuracy, MACs in both conventions, reduction, params, training time."""
+def final_metrics(cfg: RunConfig, final: nn.Module, acc: float, test_loss: float, history: list[dict], steps: int) -> dict:
+    """metrics.json of a run: accuracy, MACs in both conventions, reduction, params, training time, the optimizer
+    steps it trained and `total_steps`, those with the search steps that found its structure (a transplant's:
+    its HiAP run's; a one-shot cut has none, HiAP's are among its own)."""
     macs, dense_macs = count_macs(final), count_macs(final.spec.dense())
+    search = 0
+    if cfg.method in TRANSPLANTS:
+        search = json.loads((Path(cfg.structure) / "metrics.json").read_text())["structure"]["search_steps"]
     return {
         "method": cfg.method,
         "target_macs": cfg.target_macs,
@@ -370,6 +379,8 @@ def final_metrics(cfg: RunConfig, final: nn.Module, acc: float, test_loss: float
         "reduction_pct": 100 * (1 - macs / dense_macs),
         "params": sum(p.numel() for p in final.parameters()),
         "epochs": cfg.optim.epochs,
+        "steps": steps,
+        "total_steps": steps + search,
         "train_time_s": sum(r["epoch_time_s"] for r in history),
     }
 

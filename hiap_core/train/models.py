@@ -14,7 +14,7 @@ from ..core.baselines import prune_to_target, transplant
 from ..core.errors import first_line
 from ..core.files import file_sha256
 from ..core.pruned import WEIGHTS_FILE, load_pruned
-from .config import ConfigError, RunConfig
+from .config import TRANSPLANTS, ConfigError, RunConfig
 
 
 def build_dense_model(cfg: RunConfig) -> nn.Module:
@@ -106,7 +106,7 @@ def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
             raise ConfigError(f"teacher = {cfg.teacher!r} does not match the model config: {first}") from err
     if cfg.method in ("hiap", "finetune"):
         return dense
-    if cfg.method == "transplant":
+    if cfg.method in TRANSPLANTS:
         return transplant(dense.eval(), pd.read_csv(structure_file(cfg)).to_dict("records"))
     return prune_to_target(dense.eval(), cfg.method, cfg.target_macs)
 
@@ -116,6 +116,6 @@ def structure_file(cfg: RunConfig) -> Path:
     path = Path(cfg.structure) / "closing.csv"
     if not path.is_file():
         raise ConfigError(
-            f"invalid config: structure = {cfg.structure!r}: {path} not found; transplant needs a finished HiAP run"
+            f"invalid config: structure = {cfg.structure!r}: {path} not found; {cfg.method} needs a finished HiAP run"
         )
     return path

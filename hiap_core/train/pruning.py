@@ -12,6 +12,7 @@ from ..core.budget import InfeasibleBudget, target_fraction
 from ..core.cost import UnitCosts, load_cost_table, unit_costs
 from ..core.describe import describe
 from ..core.pruner import Pruner
+from ..core.quotas import Quotas
 from .config import ConfigError, RunConfig
 from .models import build_dense_model
 
@@ -40,8 +41,9 @@ def check_budget(cfg: RunConfig) -> None:
     with torch.device("meta"):
         spec = describe(build_dense_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))))
     h = cfg.hiap
+    quotas = Quotas.of(spec, h.min_heads, h.min_value_fraction, h.min_neuron_fraction)
     try:
-        target_fraction(target, spec, cost_model(cfg, spec), h.min_heads, h.min_value_fraction, h.lambda_macro, h.lambda_micro)
+        target_fraction(target, spec, cost_model(cfg, spec), quotas, h.lambda_macro, h.lambda_micro)
     except InfeasibleBudget as err:
         raise ConfigError(f"invalid config: {field} = {target!r}: {err}") from err
 
@@ -59,6 +61,7 @@ def make_pruner(cfg: RunConfig, model: nn.Module, total_steps: int) -> Pruner:
             lambda_macro=h.lambda_macro,
             lambda_micro=h.lambda_micro,
             lambda_feas=h.lambda_feas,
+            lambda_polarise=h.lambda_polarise,
             tau0=h.tau0,
             tau_min=h.tau_min,
             init_logit=h.init_logit,

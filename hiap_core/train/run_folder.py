@@ -20,7 +20,7 @@ from torch import nn
 from ..core.extract import structure_summary
 from ..core.files import LockHeld, atomic_write, exclusive_lock, file_sha256, remove_leftover_temporaries
 from ..core.pruned import save_pruned
-from .config import ConfigError, RunConfig, read_by
+from .config import TRANSPLANTS, ConfigError, RunConfig, read_by
 from .models import structure_file, teacher_fingerprint
 
 LOCK_FILE = ".run.lock"  # held by the process training into a run folder
@@ -31,7 +31,7 @@ HOW_FIELDS = ("out", "progress", "teacher_logits")
 # Config fields added after checkpoints of the study were written, whose default is the behaviour of the code
 # that wrote them: a checkpoint without the field resumes while the run keeps the default (on CPU `amp: auto`
 # is the old fp32 path). Not every later field qualifies: `hiap.search_fraction`'s default changed training.
-FIELDS_DEFAULT_WHEN_ABSENT = ("optim.amp", "optim.compile")
+FIELDS_DEFAULT_WHEN_ABSENT = ("optim.amp", "optim.compile", "optim.gate_lr_schedule", "hiap.lambda_polarise")
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -64,7 +64,7 @@ def run_inputs(cfg: RunConfig, loaders, costs) -> dict[str, str]:
     inputs = {"data split": split.hexdigest()}
     if cfg.method != "dense":
         inputs["teacher's weights"] = teacher_fingerprint(cfg)
-    if cfg.method == "transplant":
+    if cfg.method in TRANSPLANTS:
         inputs["structure's kept units"] = file_sha256(structure_file(cfg))
     if costs is not None and cfg.hiap.cost == "latency":
         inputs["hiap.cost_table's coefficients"] = json.dumps(dataclasses.asdict(costs), sort_keys=True)

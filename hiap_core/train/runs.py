@@ -7,7 +7,7 @@ import math
 import shutil
 
 from ..core.files import atomic_write
-from .config import STAGE_GROUPS, config_from_params
+from .config import STAGE_GROUPS, TRANSPLANTS, config_from_params
 from .engine import Trainer
 from .paths import REPORTS, RUNS
 
@@ -75,6 +75,20 @@ def recipe(params: dict, method: str, fraction: float | None = None) -> dict:
     return {"lr": float(nearest["lr"]), "warmup": float(nearest["warmup"])}
 
 
+def post_freeze_epochs(params: dict) -> int:
+    """The epochs HiAP trains after its gates freeze (`hiap.epochs * (1 - search_fraction)`): the two-phase row's
+    fine-tune, so that search plus fine-tune cost HiAP's steps (the baselines train on HiAP's data and batch).
+    ValueError naming the fields when that is not a whole number of epochs."""
+    hiap = params["hiap"]
+    epochs = hiap["epochs"] * (1 - hiap["search_fraction"])
+    if abs(epochs - round(epochs)) > 1e-9 or round(epochs) < 1:
+        raise ValueError(
+            f"hiap.epochs x (1 - hiap.search_fraction) = {epochs:g}: the two-phase row fine-tunes HiAP's post-freeze "
+            "epochs, so it must be a whole number >= 1; choose epochs and search_fraction to make it one"
+        )
+    return round(epochs)
+
+
 def run_overrides(
     params: dict,
     method: str,
@@ -100,7 +114,7 @@ def run_overrides(
         overrides["seed"] = int(seed)
     if budget:
         overrides["target_macs"] = float(params["budgets"][budget]["target_macs"])
-    if match_run and method == "transplant":
+    if match_run and method in TRANSPLANTS:
         overrides["structure"] = str(RUNS / match_run)
     elif match_run:
         overrides["target_macs"] = run_metrics(match_run)["macs_fraction"]
@@ -110,9 +124,11 @@ def run_overrides(
         overrides["hiap.gate_forward"] = gate_forward
     if sweep_ratio:
         overrides.update(sweep_overrides(params, sweep_ratio))
+    if method == "two_phase":
+        overrides["optim.epochs"] = post_freeze_epochs(params)
     if method != "dense":
         fraction = overrides.get("target_macs") or target_latency
-        if method == "transplant":
+        if method in TRANSPLANTS:
             fraction = run_metrics(match_run)["macs_fraction"]
         picked = lr_warmup or recipe(params, method, fraction)
         epochs = overrides.get("optim.epochs", params[STAGE_GROUPS[method]]["epochs"])
