@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # The machine's pip config lists index folders that do not exist for every package: hide that noise.
 PIP_QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
 
-.PHONY: venv data test lint repro grid bench bench-gpu clean-venv
+.PHONY: venv data test lint repro grid levers bench bench-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -28,9 +28,10 @@ data:
 		($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
 	else echo "warning: $(FASHION_DIR) is missing and apt-get is unavailable; the data loader will try to download it" >&2; fi
 
-# pytest-xdist over the cores; a module with a module-scoped fixture stays on one worker (xdist_group)
+# pytest-xdist over the cores, one test file per worker at a time (a module-scoped fixture is built once), in
+# tests/conftest.py's order: longest first, which xdist would otherwise replace by the number of tests per file
 test: venv data lint
-	$(PY) -m pytest -q -n auto --dist loadgroup tests
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 
 lint: venv
 	$(VENV)/bin/ruff check hiap_core tests
@@ -47,6 +48,11 @@ grid: venv data
 	sed -i 's/^    frozen: true  # recipe_grid$$/    frozen: false  # recipe_grid/' dvc.yaml
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro recipe_grid; status=$$?; \
 	sed -i 's/^    frozen: false  # recipe_grid$$/    frozen: true  # recipe_grid/' dvc.yaml; exit $$status
+
+# The search's levers on validation (reports/tables/search_levers.md): 6 settings x 3 budgets, about 1 min a run.
+levers: venv data
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro teacher_logits
+	$(PY) -m hiap_core.train.search_levers
 
 bench: venv data
 	$(PY) -m hiap_core.measure.bench

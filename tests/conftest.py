@@ -12,6 +12,19 @@ from hypothesis import settings, strategies as st
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
+
+# The longest files, longest first (measured: pytest --durations): xdist hands each worker whole files in this
+# order (`--no-loadscope-reorder`: by default it queues files by their number of tests), so one worker starts
+# the smoke `dvc repro` (about 6 min) at once and the others take the long files while it runs. A long file
+# queued behind the smoke run would run after it, on the critical path.
+LONGEST_FILES = ("test_pipeline.py", "test_train.py", "test_dvc.py", "test_gpu_bench.py", "test_inference.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))
+
+
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("ci")
 

@@ -15,9 +15,6 @@ from ruamel.yaml import YAML
 from test_layers import closure, import_graph, imported_names, modules
 from test_pipeline import repo_copy
 
-# one xdist worker runs this module, so its module-scoped fixture is built once
-pytestmark = pytest.mark.xdist_group("dvc_repo")
-
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 

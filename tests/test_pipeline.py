@@ -17,9 +17,6 @@ import hiap_core
 from hiap_core.train import paths, profiles
 from test_data import write_image_folder
 
-# one xdist worker runs this module, so its module-scoped fixture is built once
-pytestmark = pytest.mark.xdist_group("smoke_pipeline")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,6 +91,8 @@ def test_smoke_profile_reproduces_every_report(smoke_repo):
         path = repo / "reports" / link
         assert path.is_file() and path.stat().st_size > 0, f"reports/README.md links {link}, which the pipeline did not write"
     for metrics in (repo / "reports" / "metrics").glob("*.json"):
+        if metrics.name.endswith("_architecture.json"):  # the runs' specs, for the explorer
+            continue
         assert {"test_acc", "macs", "params"} <= set(json.loads(metrics.read_text()))
     for notebook in ("00_sizing", "02_report", "03_gate_evolution", "04_latency", "05_imagenet"):
         assert (repo / "reports" / "notebooks" / f"{notebook}.ipynb").stat().st_size > 0
@@ -114,23 +113,82 @@ def test_smoke_profile_reproduces_every_report(smoke_repo):
     assert "up to date" in status.stdout, status.stdout
 
 
+def notebooks_dvc_runs_as_they_are() -> set[str]:
+    """The source notebooks a stage that `dvc repro` runs executes with nothing injected (no `-p`), as
+    JupyterLab's Run All would."""
+    stages = YAML(typ="safe").load((ROOT / "dvc.yaml").read_text())["stages"]
+    plain = set()
+    for stage in stages.values():
+        cmd = stage.get("do", stage)["cmd"]
+        plain |= set() if stage.get("frozen") or " -p " in cmd else set(re.findall(r"notebooks/(\w+\.ipynb)", cmd))
+    return plain
+
+
+def figures_shown_and_no_tqdm_warning(name: str, nb) -> None:
+    """Every figure a notebook writes to reports/figures is also shown as a PNG output, and no tqdm warning."""
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    images = sum("image/png" in o.get("data", {}) for o in outputs)
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    assert "TqdmWarning" not in stderr and "IProgress" not in stderr, f"{name}: {stderr[-500:]}"
+    saved = sum(cell.source.count("save_figure(") for cell in nb.cells if cell.cell_type == "code")
+    assert images >= saved, f"{name} writes {saved} figures to reports/figures but shows {images}"
+
+
 def test_every_source_notebook_runs_all_without_parameters(smoke_repo, tmp_path):
     """JupyterLab's Run All: each notebook in notebooks/, nothing injected, reads params.yaml itself and
-    runs top to bottom on the smoke runs (01 shows the finished dense run, it does not retrain it); every
-    figure a notebook writes to reports/figures is also shown as a PNG output, and no tqdm warning."""
+    runs top to bottom on the smoke runs (01 shows the finished dense run, it does not retrain it). A notebook
+    that `dvc repro` ran as it is (no `-p`) was that Run All already: its executed copy is checked; the others
+    (01, whose stages inject a run's settings, and the frozen recipe grid's 08) run here."""
     import nbclient
     import nbformat
 
+    as_they_are = notebooks_dvc_runs_as_they_are()
+    assert {"02_report.ipynb", "03_gate_evolution.ipynb"} <= as_they_are and "01_train.ipynb" not in as_they_are
     repo = tmp_path / "repo"  # a copy: the notebooks rewrite reports, the other test checks dvc status
     shutil.copytree(smoke_repo, repo, symlinks=True)
     dense_checkpoint = (repo / "data" / "runs" / "dense" / "checkpoint.pt").stat().st_mtime_ns
     for path in sorted((repo / "notebooks").glob("*.ipynb")):
-        nb = nbformat.read(path, as_version=4)
-        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
-        outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
-        images = sum("image/png" in o.get("data", {}) for o in outputs)
-        stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
-        assert "TqdmWarning" not in stderr and "IProgress" not in stderr, f"{path.name}: {stderr[-500:]}"
-        saved = sum(cell.source.count("save_figure(") for cell in nb.cells if cell.cell_type == "code")
-        assert images >= saved, f"{path.name} writes {saved} figures to reports/figures but shows {images}"
+        if path.name in as_they_are:
+            nb = nbformat.read(repo / "reports" / "notebooks" / path.name, as_version=4)
+            assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in nb.cells), path.name
+        else:
+            nb = nbformat.read(path, as_version=4)
+            nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
+        figures_shown_and_no_tqdm_warning(path.name, nb)
     assert (repo / "data" / "runs" / "dense" / "checkpoint.pt").stat().st_mtime_ns == dense_checkpoint
+
+
+def test_on_a_fresh_clone_the_explorer_opens_every_committed_run(smoke_repo, tmp_path, monkeypatch):
+    """A fresh clone has the git-tracked outputs and the teacher, no run folders: the explorer lists every
+    committed run, draws each, and 03's Run All shows the gate_evolution run beside its comparison."""
+    import matplotlib.pyplot as plt
+    import nbclient
+    import nbformat
+
+    from hiap_core.report import explorer
+
+    repo = tmp_path / "clone"
+    shutil.copytree(smoke_repo, repo, symlinks=True)
+    for folder in [*(repo / "data" / "runs").iterdir(), repo / "data" / "imagenet"]:
+        if folder.name != "dense":
+            shutil.rmtree(folder)
+    metrics = repo / "reports" / "metrics"
+    committed = sorted(p.name.removesuffix("_architecture.json") for p in metrics.glob("*_architecture.json"))
+    assert len(committed) >= 16 and {"hiap_harsh_s0", "uniform_harsh_s0", "finetune_s0", "latency_target"} <= set(committed)
+    monkeypatch.setattr(explorer, "RUNS", repo / "data" / "runs")
+    monkeypatch.setattr(explorer, "COMMITTED", metrics)
+    assert explorer.run_names() == sorted({"dense", *committed})
+    for name in committed:
+        run = explorer.load_run(name)
+        budget_exact = run.name.startswith(("hiap", "soft", "sweep", "latency"))  # HiAP runs: a budget trajectory
+        assert run.total_steps > 0 and run.spec.layers and (run.budget is not None) == budget_exact
+        plt.close(explorer.evolution_plot(run))
+
+    nb = nbformat.read(repo / "notebooks" / "03_gate_evolution.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    printed = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
+    assert f"finished runs: {', '.join(sorted({'dense', *committed}))}" in printed
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5  # evolution, heatmaps, trajectory, architecture, pair
+    tables = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    assert "hiap_harsh_s0" in tables and "uniform_harsh_s0" in tables  # the comparison table of the pair

@@ -49,14 +49,18 @@ PROFILES = {
         "budgets": Replace({"moderate": {"target_macs": 0.67}, "harsh": {"target_macs": 0.3}}),
         # Torch-Pruning's steps on this 48-wide model are about 1% of MACs, too coarse to land within 0.5% of
         # every HiAP run: tests/test_torch_pruning.py covers it; the default study runs it.
+        # each stage kind once at least, each stage ~11 s (papermill, imports): the two-phase transplant in the budgets x seeds
+        # matrix, and a cut baseline (uniform, the one gate_evolution draws beside HiAP) as the floor stage
         "baselines": {
             "epochs": 2,
             "batch_size": 64,
             "train_subset": 256,
-            "methods": ["uniform", "transplant"],
-            "floor_methods": ["l1_ffn"],
-            "floor_budgets": ["moderate"],
+            "methods": ["two_phase"],
+            "floor_methods": ["uniform"],
+            "floor_budgets": ["harsh"],
         },
+        # the grid's procedure on one rate at one budget (its Run All in tests/test_pipeline.py trains every cell)
+        "recipe_grid": {"lr": [2.0e-4], "budgets": ["harsh"]},
         "sweep": {
             "epochs": 1,
             "train_subset": 128,
