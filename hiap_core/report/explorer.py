@@ -12,6 +12,7 @@ are drawn once for the runs the notebook's parameters name."""
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,16 +246,19 @@ def explore(first: str, second: str | None = None):
     pick = widgets.Dropdown(options=names, value=first, description="run")
     other = widgets.Dropdown(options=["(none)", *names], value=second or "(none)", description="beside")
     last = load_run(first).total_steps
-    step = widgets.IntSlider(value=last, min=0, max=last, description="step")
+    # a drag draws once, on release, and the lock keeps two draws apart: in JupyterLab (headless Chromium,
+    # ipykernel 7, which may handle widget messages beside a running one) a drag broke matplotlib's shared
+    # mathtext parser in the middle of a draw
+    step = widgets.IntSlider(value=last, min=0, max=last, description="step", continuous_update=False)
     output = widgets.Output()
     box = widgets.VBox([widgets.HBox([pick, other, step]), output])
-    box.draws, quiet = 0, [False]
+    box.draws, quiet, drawing = 0, [False], threading.Lock()
 
     def draw(_=None):
         if quiet[0]:
             return
         run = load_run(pick.value)
-        with output:
+        with drawing, output:
             clear_output(wait=True)
             display(step_structure(run, step.value).T)
             figures = [evolution_plot(run, step.value)]
