@@ -84,6 +84,9 @@ def test_nested_and_top_level_typos_and_groups_that_are_not_mappings():
         ("just text\n", "must be a mapping of groups"),
         ("", "is empty: it needs the groups"),
         ("# nothing but a comment\n", "is empty: it needs the groups"),
+        # a duplicate silently replaced the first (PyYAML keeps the last; DVC refuses the file)
+        ("data: {}\nmodel: {}\ndata: {}\n", "params.yaml:3:1: malformed YAML: duplicate key 'data' (first at line 1)"),
+        ("dense:\n  epochs: 1\n  lr: 2\n  epochs: 3\n", "params.yaml:4:3: malformed YAML: duplicate key 'epochs' (first at"),
     ],
 )
 def test_malformed_params_file_is_one_line_with_its_place(tmp_path, text, expected):

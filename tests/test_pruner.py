@@ -3,6 +3,7 @@
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,16 @@ def test_the_pruner_refuses_values_outside_their_sense_in_one_line(kwargs, field
     arguments = {"total_steps": 10, **kwargs}
     with pytest.raises((ValueError, TypeError), match=field if field != "target" else "target"):
         hiap_core.Pruner(make_vit(), **arguments)
+
+
+def test_numpy_scalars_are_numbers_too():
+    """A value read from a numpy array or a pandas table (np.float32, np.int64) is a number, not "not finite"."""
+    pruner = hiap_core.Pruner(
+        make_vit(), total_steps=np.int64(10), lambda_macro=np.float32(0.2), min_heads=np.int64(1), target=np.float64(0.6)
+    )
+    assert pruner.total_steps == 10 and pruner.budget.target == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="lambda_micro must be a finite number"):
+        hiap_core.Pruner(make_vit(), total_steps=10, lambda_micro=np.bool_(True))
 
 
 def test_init_logit_on_a_model_gated_already_is_refused_not_ignored():

@@ -15,6 +15,7 @@ hardening with extraction at the end (hiap_core/DESIGN.md, "Pruner"). The traini
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -59,10 +60,15 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr: floa
     return groups
 
 
+def _finite_number(value) -> bool:
+    """A finite real number: Python's or numpy's (`np.float32`, `np.int64`), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_numbers(weights: dict, minimums: dict, schedule: dict) -> None:
     """Every argument a finite number; weights and minimums >= 0, `init_logit` > 0 (every gate starts open)."""
     for name, value in {**weights, **minimums, **schedule}.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not _finite_number(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     for name, value in {**weights, **minimums}.items():
         if value < 0 or (name == "init_logit" and value == 0):
@@ -92,7 +98,7 @@ def _gated(model: nn.Module, init_logit: float | None, tau: float) -> nn.Module:
 
 
 def _target_fraction(target, spec, costs: UnitCosts, quotas: Quotas, lambda_macro: float, lambda_micro: float) -> float:
-    if not isinstance(target, (int, float)) or isinstance(target, bool) or not math.isfinite(target):
+    if not _finite_number(target):
         raise ValueError(f"target must be a finite number (a fraction of the dense cost, or a cost), got {target!r}")
     return target_fraction(target, spec, costs, quotas, lambda_macro, lambda_micro)
 

@@ -575,9 +575,28 @@ def apply_overrides(cfg: RunConfig, overrides: list[str] | dict) -> RunConfig:
     return cfg
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that refuses a key given twice in one mapping, as DVC does (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {first_line[key]}): keep one", key_node.start_mark
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _safe_load(text: str):
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+
+
 def _parse_value(key: str, text: str):
     try:
-        return yaml.safe_load(text)
+        return _safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"invalid override {key}={text!r}: not a YAML value ({str(err).splitlines()[0]})") from err
 
@@ -598,7 +617,7 @@ def load_params(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"params file {path} not found")
     try:
-        params = yaml.safe_load(path.read_text())
+        params = _safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

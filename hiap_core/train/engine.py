@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -88,9 +89,9 @@ class Trainer:
         self.gate_rows: list[dict] = []
         self.started, self.epochs_run = time.perf_counter(), 0  # this session's clock, for the time left
 
-    def _log(self, message: str) -> None:
+    def _log(self, message: str, warning: bool = False) -> None:
         if self.dist.main:
-            print(message, flush=True)
+            print(message, flush=True, file=sys.stderr if warning else sys.stdout)
 
     def run(self) -> dict:
         if not self.dist.main:  # rank 0 holds the folder's lock for all
@@ -242,7 +243,8 @@ class Trainer:
         if missed:
             self._log(
                 f"WARNING [{self.out.name}]: missed its budget: {budget['cost_fraction']:.4f} of dense {budget['unit']} "
-                f"against a target of {budget['target_fraction']:.4f} (tolerance {self.cfg.hiap.budget_tolerance:.2%})"
+                f"against a target of {budget['target_fraction']:.4f} (tolerance {self.cfg.hiap.budget_tolerance:.2%})",
+                warning=True,
             )
 
     def _check_finite(self, terms: dict[str, torch.Tensor], epoch: int, batch: int) -> None:
