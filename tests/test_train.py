@@ -53,6 +53,13 @@ def dense_run(tmp_path_factory):
     return out, metrics
 
 
+def test_a_runs_metrics_name_the_machine_and_threads_its_bits_depend_on(dense_run):
+    out, metrics = dense_run
+    assert json.loads((out / "metrics.json").read_text())["machine"] == metrics["machine"]
+    assert metrics["machine"]["threads"] == torch.get_num_threads() and metrics["machine"]["torch"] == torch.__version__
+    assert metrics["machine"]["cpu"] and metrics["machine"]["python"]
+
+
 @pytest.mark.parametrize(
     "method, overrides, field",
     [

@@ -1,14 +1,30 @@
 """Timing that compares models fairly on a noisy machine: each callable runs once per round, in turn,
 so drift and background load hit all alike; medians and ratios are what to read. On a GPU each call is
-timed between two synchronisations, so the time is the kernels', not their launch."""
+timed between two synchronisations, so the time is the kernels', not their launch. `machine` names what a
+timing or a training run ran on."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
+
+
+def machine() -> dict:
+    """The CPU model, torch's thread count, torch's and Python's versions: weights trained with another thread
+    count differ in their bits (same structure and accuracy), so every run and timing records them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
+    )
+    cpu = names[0] if names else platform.processor()
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def synchronize(device: torch.device) -> None:

@@ -39,7 +39,7 @@ from ..train.objective import step_loss
 from ..train.pruning import make_pruner
 from ..train.paths import PARAMS, REPORTS
 from .states import empty_state, extracted_models
-from .timing import machine
+from ..core.timing import machine
 
 
 def bench_training(batch: int, rounds: int) -> dict:

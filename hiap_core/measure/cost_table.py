@@ -35,7 +35,7 @@ from ..train.config import cli, config_from_params, load_params
 from ..train.models import build_dense_model
 from ..train.paths import PARAMS, REPORTS
 from .states import random_budget_state, random_width_state
-from .timing import machine
+from ..core.timing import machine
 
 COEFFICIENTS = ("static", "head", "value_dim", "neuron")
 

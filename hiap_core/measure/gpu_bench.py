@@ -367,7 +367,7 @@ def paper_profile_estimate(training: list[dict], loader_rates: dict[int, float],
 
 
 def _device_info(device: torch.device) -> dict:
-    from .timing import machine
+    from ..core.timing import machine
 
     info = {"type": device.type, **machine()}
     if device.type == "cuda":

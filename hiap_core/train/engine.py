@@ -32,6 +32,7 @@ from ..core.cost import count_macs, expected_macs
 from ..core.extract import extract
 from ..core.gated_vit import gate_parameters, gate_vit
 from ..core.pruner import Pruner, param_groups
+from ..core.timing import machine
 from .config import TRANSPLANTS, ConfigError, RunConfig
 from .data import build_loaders, load_teacher_logits
 from .device import Dist, autocast, autocast_dtype, setup_distributed, use_tensor_cores
@@ -384,6 +385,7 @@ def final_metrics(cfg: RunConfig, final: nn.Module, acc: float, test_loss: float
         "steps": steps,
         "total_steps": steps + search,
         "train_time_s": sum(r["epoch_time_s"] for r in history),
+        "machine": machine(),  # the bits of the weights depend on the thread count (DESIGN.md, "Determinism")
     }
 
 
