@@ -211,6 +211,19 @@ def test_cached_teacher_logits_equal_the_live_teachers_forward(tmp_path):
     assert fast["test_acc"] == pytest.approx(live["test_acc"], abs=0.01)  # the same training up to float rounding
 
 
+def test_teacher_logits_into_a_folder_it_cannot_write_are_refused_before_the_teacher_is_read(tmp_path, monkeypatch):
+    from hiap_core.train import teacher_logits
+
+    def no_teacher(cfg):
+        raise AssertionError("the teacher was read before the output folder was checked")
+
+    monkeypatch.setattr(teacher_logits, "load_teacher", no_teacher)
+    (tmp_path / "a_file").write_text("")
+    cfg = config_from_params(TINY, "finetune", {"teacher": str(tmp_path / "dense")})
+    with pytest.raises(ConfigError, match="--out = .*a_file/logits.*cannot write there"):
+        teacher_logits.compute(cfg, tmp_path / "a_file" / "logits")
+
+
 def test_a_pipeline_stage_waits_for_the_process_training_its_run(tmp_path):
     import threading
 

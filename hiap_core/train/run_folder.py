@@ -82,6 +82,19 @@ def gate_rows_for(model: nn.Module, step: int, steps_per_epoch: int) -> list[dic
     return rows
 
 
+def check_writable(path: Path, field: str = "out") -> None:
+    """Refuse a folder that cannot be written, or has no room for a checkpoint, before any work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+        free = shutil.disk_usage(path).free
+    except OSError as err:
+        raise ConfigError(f"{field} = {str(path)!r}: cannot write there ({err.strerror or err})") from err
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(f"{field} = {str(path)!r}: only {free / 2**20:.0f} MiB free; checkpoints need room")
+
+
 class RunFolder:
     """`path` as one run's folder. `restart_on_config_change`: a checkpoint of another config (or an
     unreadable one) is set aside and the run starts over (pipelines whose params changed), instead of
@@ -92,25 +105,13 @@ class RunFolder:
         self.checkpoint = self.path / "checkpoint.pt"
         self.metrics_file = self.path / "metrics.json"
 
-    def check_writable(self) -> None:
-        """Refuse a folder that cannot be written, or has no room for a checkpoint, before any training."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.path):
-                pass
-            free = shutil.disk_usage(self.path).free
-        except OSError as err:
-            raise ConfigError(f"out = {str(self.path)!r}: cannot write there ({err.strerror or err})") from err
-        if free < MIN_FREE_BYTES:
-            raise ConfigError(f"out = {str(self.path)!r}: only {free / 2**20:.0f} MiB free; checkpoints need room")
-
     @contextlib.contextmanager
     def held(self):
         """Hold the folder's lock for the block (created and checked writable first). Held by another process:
         refused, or in pipelines waited for (the stage then finds the run finished). A block that fails before
         writing anything into a folder it created leaves no folder; only the lock's holder removes anything."""
         created = not self.path.exists()
-        self.check_writable()
+        check_writable(self.path)
         wait = (
             (lambda holder: self.log(f"[{self.path.name}] waiting for process {holder}, which trains into {self.path}"))
             if (self.restart_on_config_change)

@@ -20,6 +20,7 @@ from .config import ConfigError, RunConfig, cli, config_from_params
 from .data import LOGITS_FILE, NORMALIZATION, images_fingerprint, load_split
 from .device import autocast, autocast_dtype
 from .models import load_teacher, teacher_fingerprint
+from .run_folder import check_writable
 
 BATCH = 512
 
@@ -30,6 +31,7 @@ def compute(cfg: RunConfig, out: Path) -> Path:
     of its horizontal flip (row `2 * id + 1`), `id` its index in the training file."""
     if cfg.data.dataset == "imagenet":
         raise ConfigError("invalid config: data.dataset = 'imagenet': teacher logits are cached for the in-memory datasets")
+    check_writable(out, "--out")  # before minutes of teacher forwards
     teacher, pool = load_teacher(cfg), load_split(cfg.data, "train")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher, dtype = teacher.to(device).eval(), autocast_dtype(cfg.optim.amp, device)
