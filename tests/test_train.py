@@ -271,6 +271,14 @@ def test_an_infeasible_budget_is_refused_before_any_data_or_teacher_is_read(tmp_
     with pytest.raises(ConfigError, match="target_macs = 0.01: .*below .*smallest model") as err:
         engine.train(tiny_cfg("hiap", tmp_path / "run", teacher=str(tmp_path / "no_teacher"), target_macs=0.01))
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+    # the baselines' cuts too (they were a traceback after the data and the teacher loaded)
+    for method, match in (
+        ("uniform", "uniform cannot reach 0.010"),
+        ("l1_ffn", "l1_ffn cannot reach .* attention cost is a floor"),
+    ):
+        with pytest.raises(ConfigError, match=f"target_macs = 0.01: {match}") as err:
+            engine.train(tiny_cfg(method, tmp_path / method, teacher=str(tmp_path / "no_teacher"), target_macs=0.01))
+        assert "\n" not in str(err.value) and not (tmp_path / method).exists()
 
 
 @needs_fashion

@@ -61,39 +61,45 @@ def l1_ffn_state(gated: nn.Module, keep_neurons: int) -> list[dict]:
     return [{"neurons": mask} for mask in kept]
 
 
-def prune_to_target(dense: nn.Module, method: str, target: float) -> PrunedViT:
-    """Cut a dense timm ViT to `target` x its MACs with a baseline rule and extract it.
-
-    Candidates are costed on the architecture alone (exact), the closest is applied; ValueError when it
-    is not within 0.5% of the target."""
-    if method == "torch_pruning":
-        return torch_pruning_cut(dense, target)
-    gated = gate_vit(copy.deepcopy(dense)).eval()
-    spec = describe(gated)
+def baseline_cut(spec: ViTSpec, method: str, target: float) -> tuple[tuple[int, ...], float]:
+    """The `uniform` or `l1_ffn` cut of a model of `spec` nearest `target` x its MACs, from the architecture
+    alone (exact): its sizes ((value dims per head, neurons per FFN), or (neurons kept in all,)) and its MACs
+    fraction. ValueError naming the closest when that is not within 0.5% of the target, so that a run can be
+    refused before any weights or data are read."""
     dense_macs = count_macs(spec)
     H, Dh, hidden, depth = spec.num_heads, spec.head_dim, spec.mlp_hidden_dense, len(spec.layers)
     if method == "uniform":
         # One common keep ratio r = k_neurons / hidden; value dims per head: floor or ceil of r * head_dim.
-        def macs(k_value: int, k_neurons: int) -> int:
+        def fraction(k_value: int, k_neurons: int) -> float:
             layer = LayerSpec(tuple(range(H)), (k_value,) * H, k_neurons)
-            return count_macs(dataclasses.replace(spec, layers=(layer,) * depth))
+            return count_macs(dataclasses.replace(spec, layers=(layer,) * depth)) / dense_macs
 
         options = {(max(1, rnd(k * Dh / hidden)), k) for k in range(hidden + 1) for rnd in (math.floor, math.ceil)}
-        state = uniform_state(gated, *min(options, key=lambda o: abs(macs(*o) / dense_macs - target)))
+        sizes = min(options, key=lambda o: abs(fraction(*o) - target))
+        reached = fraction(*sizes)
     elif method == "l1_ffn":
         gamma = unit_costs(spec).gamma  # MACs are linear in the number of kept neurons
         floor_macs = dense_macs - gamma * hidden * depth
-        keep = min(max(round((target * dense_macs - floor_macs) / gamma), 0), hidden * depth)
-        state = l1_ffn_state(gated, keep)
+        sizes = (min(max(round((target * dense_macs - floor_macs) / gamma), 0), hidden * depth),)
+        reached = (floor_macs + gamma * sizes[0]) / dense_macs
     else:
-        raise ValueError(f"unknown baseline {method!r}: expected 'uniform', 'l1_ffn' or 'torch_pruning'")
-    set_gate_state(gated, state)
-    reached = count_macs(gated) / dense_macs
+        raise ValueError(f"unknown baseline {method!r}: expected 'uniform' or 'l1_ffn' (torch_pruning: torch_pruning_cut)")
     if abs(reached / target - 1) > TOLERANCE:
         raise ValueError(
             f"{method} cannot reach {target:.3f} of dense MACs within 0.5% (closest: {reached:.4f}); "
             f"{'l1_ffn prunes only FFN neurons, so attention cost is a floor' if method == 'l1_ffn' else 'choose another target'}"
         )
+    return sizes, reached
+
+
+def prune_to_target(dense: nn.Module, method: str, target: float) -> PrunedViT:
+    """Cut a dense timm ViT to `target` x its MACs with a baseline rule and extract it: the cut `baseline_cut`
+    picks on the architecture, applied by L1 magnitude (ValueError when no cut is within 0.5% of the target)."""
+    if method == "torch_pruning":
+        return torch_pruning_cut(dense, target)
+    gated = gate_vit(copy.deepcopy(dense)).eval()
+    sizes, _ = baseline_cut(describe(gated), method, target)
+    set_gate_state(gated, uniform_state(gated, *sizes) if method == "uniform" else l1_ffn_state(gated, *sizes))
     return extract(gated)
 
 

@@ -1,5 +1,6 @@
 """HiAP's side of a run: the unit costs its penalties use (MACs or a measured latency table), its budget
-field, and the `Pruner` made from the `hiap` settings; an impossible budget is refused before any data is read."""
+field, and the `Pruner` made from the `hiap` settings; an impossible budget (HiAP's or a baseline cut's) is refused
+before any data is read."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..core.baselines import baseline_cut
 from ..core.budget import InfeasibleBudget, target_fraction
 from ..core.cost import UnitCosts, load_cost_table, unit_costs
 from ..core.describe import describe
@@ -33,18 +35,22 @@ def budget_field(cfg: RunConfig) -> tuple[str, float | None]:
 
 
 def check_budget(cfg: RunConfig) -> None:
-    """Refuse a HiAP budget no model can meet (or an unreadable cost table) before any data or teacher is read:
-    the check runs on the model built on the meta device."""
+    """Refuse a budget no model can meet (HiAP's under its quotas, a uniform or L1-FFN cut's on the
+    architecture), or an unreadable cost table, before any data or teacher is read: the check runs on the
+    model built on the meta device."""
     field, target = budget_field(cfg)
-    if cfg.method != "hiap" or target is None:
+    if cfg.method not in ("hiap", "uniform", "l1_ffn") or target is None:
         return
     with torch.device("meta"):
         spec = describe(build_dense_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))))
     h = cfg.hiap
-    quotas = Quotas.of(spec, h.min_heads, h.min_value_fraction, h.min_neuron_fraction)
     try:
-        target_fraction(target, spec, cost_model(cfg, spec), quotas, h.lambda_macro, h.lambda_micro)
-    except InfeasibleBudget as err:
+        if cfg.method == "hiap":
+            quotas = Quotas.of(spec, h.min_heads, h.min_value_fraction, h.min_neuron_fraction)
+            target_fraction(target, spec, cost_model(cfg, spec), quotas, h.lambda_macro, h.lambda_micro)
+        else:
+            baseline_cut(spec, cfg.method, target)
+    except (InfeasibleBudget, ValueError) as err:
         raise ConfigError(f"invalid config: {field} = {target!r}: {err}") from err
 
 
