@@ -82,6 +82,8 @@ def test_a_runs_metrics_name_the_machine_and_threads_its_bits_depend_on(dense_ru
         ("hiap", {"teacher": "x", "hiap.search_fraction": 0.0}, "hiap.search_fraction"),
         ("hiap", {"teacher": "x", "hiap.gate_forward": "fuzzy"}, "hiap.gate_forward"),
         ("dense", {"optim.amp": "fp8"}, "optim.amp"),
+        ("dense", {"target_macs": 0.5}, "target_macs"),  # was written into the dense run's metrics, unused
+        ("finetune", {"teacher": "x", "target_macs": 0.5}, "target_macs"),
         ("dense", {"optim.compile": "yes"}, "optim.compile"),
     ],
 )

@@ -311,6 +311,8 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.method in ("uniform", "l1_ffn", "torch_pruning"):
         if cfg.target_macs is None or not 0 < cfg.target_macs < 1:
             _fail("target_macs", cfg.target_macs, f"must be in (0, 1) for method {cfg.method}")
+    if cfg.method in ("dense", "finetune", *TRANSPLANTS) and cfg.target_macs is not None:
+        _fail("target_macs", cfg.target_macs, f"is the budget of hiap and the cut baselines; {cfg.method} has none: unset it")
     if cfg.method == "dense" and cfg.teacher_logits is not None:
         _fail("teacher_logits", cfg.teacher_logits, "the dense teacher distils from nobody: leave it null")
     if (cfg.method in TRANSPLANTS) != (cfg.structure is not None):
