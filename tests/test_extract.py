@@ -162,3 +162,18 @@ def test_loading_onto_cuda_without_a_gpu_says_so(tmp_path):
         hiap_core.load_pruned(folder, map_location="cuda")
     with pytest.raises(ValueError, match="not a torch device"):
         hiap_core.load_pruned(folder, map_location="gpu0")
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 3, 20, 20), (2, 3, 12, 12), (2, 1, 16, 16), (3, 16, 16), (2, 3, 16, 20)],
+    ids=["larger", "smaller", "channels", "rank 3", "not square"],
+)
+def test_an_input_other_than_the_specs_is_refused_in_one_line(shape):
+    """As timm's ViT: a larger image was accepted and its edge pixels dropped without a word; a 3-D input or an
+    image the patches do not tile failed deep inside torch."""
+    pruned = hiap_core.extract(gated_copy(make_vit()))
+    with pytest.raises(ValueError, match=r"input of shape .*takes images of shape \(batch, 3, 16, 16\)") as err:
+        pruned(torch.randn(*shape))
+    assert "\n" not in str(err.value)
+    assert pruned(torch.randn(2, 3, 16, 16)).shape == (2, 5)

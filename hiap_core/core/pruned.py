@@ -192,6 +192,13 @@ class PrunedViT(nn.Module):
         self.head = nn.Linear(dim, spec.num_classes) if spec.num_classes else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if x.ndim != 4 or x.shape[1] != spec.in_chans or tuple(x.shape[-2:]) != tuple(spec.img_size):
+            # as timm's ViT: a 32x32 image in a 28x28 model would lose its edge pixels without a word
+            raise ValueError(
+                f"input of shape {tuple(x.shape)}: this model takes images of shape (batch, {spec.in_chans}, "
+                f"{spec.img_size[0]}, {spec.img_size[1]}) (its spec); resize, crop or pad them to that size"
+            )
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
         if self.spec.no_embed_class:
