@@ -51,7 +51,7 @@ grid: venv data
 
 # The search's levers on validation (reports/tables/search_levers.md): 6 settings x 3 budgets, about 1 min a run.
 levers: venv data
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro teacher_logits
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --single-item teacher_logits
 	$(PY) -m hiap_core.train.search_levers
 
 bench: venv data

@@ -2,12 +2,14 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 from conftest import gated_copy, make_vit
 
 import hiap_core
 from hiap_core.core.polarisation import polarisation, undecided_term
+from hiap_core.train.search_levers import freeze_figures, merged
 
 
 def _hand_made() -> torch.nn.Module:
@@ -86,3 +88,35 @@ def test_the_pruner_polarises_only_from_the_deadline_and_records_the_gates_at_th
     expected = polarisation(pruner.model, pruner.costs)
     pruner.set_step(pruner.search_steps)
     assert pruner.frozen and pruner.summary()["at_freeze"] == expected
+
+
+def test_lever_figures_read_the_freeze_and_name_each_missed_target():
+    metrics = {
+        "budget": {"target_fraction": 0.5, "cost_fraction_before_rounding": 0.504, "rounded_units": 30},
+        "structure": {
+            "quota_units_restored": 2,
+            "at_freeze": {
+                "disagreement": 0.03,
+                "disagreement_open": 0.02,
+                "disagreement_closed": 0.01,
+                "undecided_share": 0.005,
+                "units": 1000,
+            },
+        },
+    }
+    figures = freeze_figures(metrics)
+    assert figures["D_pct"] == pytest.approx(3.0) and figures["undecided_pct"] == pytest.approx(0.5)
+    assert figures["miss_before_rounding_pct"] == pytest.approx(0.8) and figures["rounded_pct"] == pytest.approx(3.0)
+    assert figures["misses"] == "D, rounded"  # the miss (0.8%) and the undecided share (0.5%) are on target
+
+
+def test_a_new_round_of_levers_replaces_its_own_rows_and_keeps_the_others():
+    def rows(levers, acc):
+        return pd.DataFrame(
+            [{"lever": lever, "budget": b, "seed": 0, "val_acc": acc} for lever in levers for b in ("moderate", "harsh")]
+        )
+
+    earlier = rows(["defaults", "polarise 5"], 80.0)
+    table = merged(rows(["polarise 1", "defaults"], 90.0), earlier)
+    assert list(table["lever"]) == ["defaults"] * 2 + ["polarise 5"] * 2 + ["polarise 1"] * 2  # LEVERS' order
+    assert list(table["val_acc"]) == [90.0, 90.0, 80.0, 80.0, 90.0, 90.0]

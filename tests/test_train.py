@@ -723,7 +723,8 @@ def test_a_budget_exact_run_off_its_target_says_so_loudly_and_marks_its_metrics(
     from types import SimpleNamespace
 
     cfg = tiny_cfg("hiap", "unused", teacher="t", target_macs=0.5)
-    trainer = SimpleNamespace(cfg=cfg, out=Path("runs/b50"), _log=print)
+    trainer = SimpleNamespace(cfg=cfg, out=Path("runs/b50"), dist=SimpleNamespace(main=True))
+    trainer._log = lambda message, warning=False: engine.Trainer._log(trainer, message, warning)  # the engine's own
     missed = {"cost_fraction": 0.525, "target_fraction": 0.5, "unit": "MACs"}
     engine.Trainer._check_landed(trainer, missed)
     assert missed["missed_target"] is True
