@@ -49,7 +49,7 @@ grid: venv data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro recipe_grid; status=$$?; \
 	sed -i 's/^    frozen: false  # recipe_grid$$/    frozen: true  # recipe_grid/' dvc.yaml; exit $$status
 
-# The search's levers on validation (reports/tables/search_levers.md): 6 settings x 3 budgets, about 1 min a run.
+# The search's levers on validation (reports/tables/search_levers.md): 9 settings x 3 budgets, about 1-2 min a run.
 levers: venv data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --single-item teacher_logits
 	$(PY) -m hiap_core.train.search_levers
