@@ -100,13 +100,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     args = parser.parse_args(argv)
-    out = REPORTS / "tables" / "search_levers"
+    csv = REPORTS / "tables" / "search_levers.csv"
     table = lever_table(read_params(), args.levers, args.seeds)
-    if out.with_suffix(".csv").exists():
-        table = merged(table, pd.read_csv(out.with_suffix(".csv")))
-    atomic_write(out.with_suffix(".csv"), lambda p: table.to_csv(p, index=False))
-    atomic_write(out.with_suffix(".md"), lambda p: p.write_text(table.to_markdown(index=False, floatfmt=".3g") + "\n"))
-    print(table.to_markdown(index=False, floatfmt=".3g"))
+    if csv.exists():
+        table = merged(table, pd.read_csv(csv))
+    markdown = table.to_markdown(index=False, floatfmt=".3g")
+    atomic_write(csv, lambda p: table.to_csv(p, index=False))
+    atomic_write(csv.with_suffix(".md"), lambda p: p.write_text(markdown + "\n"))
+    print(markdown)
 
 
 if __name__ == "__main__":
