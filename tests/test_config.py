@@ -178,7 +178,9 @@ def test_measuring_commands_report_a_malformed_params_file_in_one_line(module, t
         (lambda p: p["recipe_grid"].update(lr=[]), "recipe_grid.lr"),
         (lambda p: p["recipe_grid"].update(lr=[-1e-4]), "recipe_grid.lr"),
         (lambda p: p["recipe_grid"].update(budgets=["nowhere"]), "recipe_grid.budgets"),
-        (lambda p: p["baselines"].update(floor_budgets=["nowhere"]), "baselines.floor_budgets"),
+        (lambda p: p["baselines"]["reach"].update(uniform=["nowhere"]), "baselines.reach"),
+        (lambda p: p["baselines"]["reach"].pop("l1_ffn"), "baselines.reach"),
+        (lambda p: p["comparisons"].update(primary=["uniformm"]), "comparisons.primary"),
         (lambda p: p["recipes"].update(hiap=[{"macs": 0.5, "lr": 0.0, "warmup": 0.0}]), "recipes.hiap"),
     ],
 )

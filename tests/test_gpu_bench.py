@@ -61,13 +61,13 @@ def test_writes_finite_positive_figures_for_every_step_precision_and_batch(tiny_
 def test_estimates_the_paper_profile_from_the_study_runs(tiny_result):
     estimate = tiny_result[0]["paper_profile_estimate"]
     runs = {name: (r["runs"], r["epochs"], r["train_images"]) for name, r in estimate["runs"].items()}
-    # params.yaml: 3 seeds, 3 budgets, 2 full-length baseline methods and two-phase at every budget, 2 floor methods
-    # at 2 budgets, 5 sweep ratios; the paper profile: its epochs, all 50k images
+    # params.yaml: 3 seeds, 5 budgets, 2 full-length baseline methods and two-phase at every budget, the 4 methods
+    # with a cost floor at 4 + 4 + 4 + 2 budgets, 5 sweep ratios; the paper profile: its epochs, all 50k images
     assert runs == {
         "dense": (1, 200, 50_000),
-        "hiap": (3 * 3 + 3 + 1, 200, 50_000),  # Table 3, the gate-forward ablation, the latency target
-        "baselines": ((2 * 3 + 2 * 2) * 3 + 3, 200, 50_000),  # every baseline, the fine-tuning control
-        "two_phase": (3 * 3, 190, 50_000),  # HiAP's 200 epochs less its 5% search
+        "hiap": (5 * 3 + 3 + 1, 200, 50_000),  # Table 3, the gate-forward ablation, the latency target
+        "baselines": ((2 * 5 + 14) * 3 + 3, 200, 50_000),  # every baseline, the fine-tuning control
+        "two_phase": (5 * 3, 190, 50_000),  # HiAP's 200 epochs less its 5% search
         "sweep": (5, 50, 50_000),
     }
     search = {"hiap": 0.05, "hiap_frozen": 0.95}  # the paper profile's gates search for 5% of each run

@@ -107,7 +107,8 @@ def test_the_grid_tunes_every_method_the_same_way_and_picks_on_validation(monkey
     params["recipe_grid"] = {"lr": [3e-5, 2e-4, 1e-3], "warmup": 0.1, "budgets": ["moderate", "harsh"], "seed": 0}
     table = recipe_grid.run_grid(params)
     base = params["baselines"]
-    assert len(table) == 4 * (1 + 2 * (1 + len(base["methods"])) + len(base["floor_methods"]))  # floor methods: moderate
+    at = {b: sum(b in budgets for budgets in base["reach"].values()) for b in ("moderate", "harsh")}
+    assert len(table) == 4 * (1 + 2 * (1 + len(base["methods"])) + at["moderate"] + at["harsh"])
     chosen = recipe_grid.picks(table)
     assert chosen["finetune"] == [{"macs": 1.0, "lr": 3e-5, "warmup": 0.1}]
     assert [c["lr"] for c in chosen["hiap"]] == [1e-3, 1e-3] and [c["macs"] for c in chosen["hiap"]] == [0.67, 0.2]
@@ -242,3 +243,42 @@ def test_a_pipeline_stage_waits_for_the_process_training_its_run(tmp_path):
         assert waited == [str(os.getpid())] and not got.is_set()  # told whom it waits for, and waits
     thread.join(timeout=10)
     assert got.is_set()
+
+
+def test_each_method_with_a_cost_floor_runs_at_exactly_the_budgets_above_it():
+    """params.yaml `baselines.reach` against the cuts themselves on the default model: every budget a method
+    can reach within 0.5% is listed for it, and none it cannot (the frontier marks each floor)."""
+    from hiap_core.core.baselines import ANALYTIC_METHODS, baseline_cut, torch_pruning_cut
+
+    params = read_params()
+    dense = models.build_dense_model(config_from_params(params, "dense"))
+    spec = hiap_core.describe(dense)
+    for method, listed in params["baselines"]["reach"].items():
+        reachable = []
+        for budget, cut in params["budgets"].items():
+            try:
+                if method in ANALYTIC_METHODS:
+                    baseline_cut(spec, method, cut["target_macs"])
+                else:
+                    torch_pruning_cut(dense, cut["target_macs"])
+                reachable.append(budget)
+            except ValueError:
+                pass
+        assert listed == reachable, f"baselines.reach.{method}"
+    for method in params["baselines"]["methods"]:  # every budget, and no floor of their own
+        assert method not in params["baselines"]["reach"]
+
+
+def test_a_borrowed_recipe_must_be_the_named_methods_pick():
+    table = pd.DataFrame(
+        [{"method": "uniform", "budget": "harsh", "target_macs": 0.2, "lr": 1e-3, "warmup": 0.1, "picked": True}]
+    )
+    good = {
+        "uniform": [{"macs": 0.2, "lr": 1e-3, "warmup": 0.1}],
+        "x": [{"macs": 0.2, "lr": 1e-3, "warmup": 0.1, "borrowed": "uniform"}],
+    }
+    assert recipe_grid.recipe_mismatches(table, good) == []
+    bad = {**good, "x": [{"macs": 0.2, "lr": 2e-4, "warmup": 0.1, "borrowed": "uniform"}]}
+    assert recipe_grid.recipe_mismatches(table, bad) == [
+        "recipes.x: the entry borrowed from uniform at 0.2 is not its pick {'macs': 0.2, 'lr': 0.001, 'warmup': 0.1}"
+    ]

@@ -158,10 +158,15 @@ def test_dense_hiap_and_baselines_end_to_end(dense_run, tmp_path):
     assert hiap_core.count_macs(pruned) == hiap["macs"] == history["hard_macs"].iloc[-1]
     assert json.loads((tmp_path / "hiap" / "metrics.json").read_text())["test_acc"] == hiap["test_acc"]
 
-    for method, target in (("uniform", 0.6), ("l1_ffn", 0.7)):
+    for method, target in (("uniform", 0.6), ("l1_ffn", 0.7), ("uniform_heads", 0.6), ("torch_pruning_heads", 0.6)):
         metrics = engine.train(tiny_cfg(method, tmp_path / method, teacher=str(dense_dir), target_macs=target))
         assert abs(metrics["macs_fraction"] / target - 1) <= 0.005
-        assert hiap_core.count_macs(hiap_core.load_pruned(tmp_path / method / "model")) == metrics["macs"]
+        pruned = hiap_core.load_pruned(tmp_path / method / "model")
+        assert hiap_core.count_macs(pruned) == metrics["macs"]
+        if method.endswith("_heads"):  # the head count of the lowest validation loss before fine-tuning
+            losses = {int(heads): loss for heads, loss in metrics["cut"]["val_loss_by_heads"].items()}
+            assert len(losses) > 1 and metrics["cut"]["heads"] == min(losses, key=losses.get)
+            assert {len(layer.heads) for layer in pruned.spec.layers} == {metrics["cut"]["heads"]}
 
 
 @needs_fashion

@@ -1,13 +1,20 @@
 """Table 3 baselines, cut from the trained dense model to a target MACs fraction (then KD fine-tuned by
-the training engine): `uniform` (one common keep ratio for every head's value dims and every FFN,
-chosen by L1 magnitude inside each structure), `l1_ffn` (FFN neurons ranked globally by L1 norm) and
-`torch_pruning` (the Torch-Pruning library: head dims and FFN neurons ranked globally, below); and
+the training engine): `uniform` (the paper's Uniform-Ratio: every head kept at full Q/K width, one common
+keep ratio for every head's value dims and every FFN, chosen by L1 magnitude inside each structure),
+`uniform_heads` (the same number of heads kept in every layer by L1, then one common ratio as `uniform`),
+`l1_ffn` (FFN neurons ranked globally by L1 norm), `torch_pruning` (the Torch-Pruning library: head dims and
+FFN neurons ranked globally) and `torch_pruning_heads` (Torch-Pruning removing whole heads, below); and
 `transplant` (exactly the units a HiAP run kept, on the teacher's weights: HiAP's structure under the
-baselines' fine-tune, which separates the quality of the structure from the cost of its search)."""
+baselines' fine-tune, which separates the quality of the structure from the cost of its search).
+
+The two head-removing methods can land on a budget with more than one number of heads per layer (fewer
+heads, wider FFNs): `baseline_candidates` gives one cut per head count that lands, and the caller picks one
+with a score (the training engine: the validation loss of the cut, before fine-tuning)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 import dataclasses
 import math
 
@@ -22,6 +29,15 @@ from .pruned import PrunedViT
 from .spec import LayerSpec, ViTSpec
 
 TOLERANCE = 0.005  # relative to the target MACs fraction
+HEAD_COUNT_METHODS = ("uniform_heads", "torch_pruning_heads")  # one candidate cut per number of heads kept
+ANALYTIC_METHODS = ("uniform", "l1_ffn", *HEAD_COUNT_METHODS)  # cut sizes from the architecture alone
+
+
+def head_scores(attn) -> torch.Tensor:
+    """(heads,) L1 norm of each head's weights: its Q, K and V rows of qkv and its proj columns."""
+    H, Dh = attn.num_heads, attn.head_dim
+    rows = attn.qkv.weight.detach().abs().sum(dim=1).view(3, H, Dh).sum(dim=(0, 2))
+    return rows + attn.proj.weight.detach().abs().sum(dim=0).view(H, Dh).sum(dim=1)
 
 
 def value_dim_scores(attn) -> torch.Tensor:
@@ -43,13 +59,15 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def uniform_state(gated: nn.Module, k_value: int, k_neurons: int) -> list[dict]:
-    """Every head keeps its `k_value` and every FFN its `k_neurons` largest-L1 units."""
+def uniform_state(gated: nn.Module, k_value: int, k_neurons: int, heads: int | None = None) -> list[dict]:
+    """Every layer keeps its `heads` largest-L1 heads (None: all), every kept head its `k_value` and every FFN
+    its `k_neurons` largest-L1 units."""
     state = []
     for attn, mlp in gated_blocks(gated):
         scores = value_dim_scores(attn)
         values = torch.stack([_top(scores[h], k_value) for h in range(attn.num_heads)])
-        state.append({"values": values, "neurons": _top(neuron_scores(mlp), k_neurons)})
+        kept_heads = _top(head_scores(attn), attn.num_heads if heads is None else heads)
+        state.append({"heads": kept_heads, "values": values, "neurons": _top(neuron_scores(mlp), k_neurons)})
     return state
 
 
@@ -61,56 +79,122 @@ def l1_ffn_state(gated: nn.Module, keep_neurons: int) -> list[dict]:
     return [{"neurons": mask} for mask in kept]
 
 
-def baseline_cut(spec: ViTSpec, method: str, target: float) -> tuple[tuple[int, ...], float]:
-    """The `uniform` or `l1_ffn` cut of a model of `spec` nearest `target` x its MACs, from the architecture
-    alone (exact): its sizes ((value dims per head, neurons per FFN), or (neurons kept in all,)) and its MACs
-    fraction. ValueError naming the closest when that is not within 0.5% of the target, so that a run can be
-    refused before any weights or data are read."""
+def _uniform_cut(spec: ViTSpec, heads: int, target: float, value_dims: bool) -> tuple[tuple[int, int], float]:
+    """(value dims per head, neurons per FFN) of the cut keeping `heads` heads in every layer nearest `target`,
+    and its MACs fraction: one common keep ratio r = neurons / hidden, the value dims the floor or ceil of
+    r x head_dim (`value_dims` False: every value dim kept, Torch-Pruning's head mode)."""
+    Dh, hidden, depth = spec.head_dim, spec.mlp_hidden_dense, len(spec.layers)
     dense_macs = count_macs(spec)
-    H, Dh, hidden, depth = spec.num_heads, spec.head_dim, spec.mlp_hidden_dense, len(spec.layers)
-    if method == "uniform":
-        # One common keep ratio r = k_neurons / hidden; value dims per head: floor or ceil of r * head_dim.
-        def fraction(k_value: int, k_neurons: int) -> float:
-            layer = LayerSpec(tuple(range(H)), (k_value,) * H, k_neurons)
-            return count_macs(dataclasses.replace(spec, layers=(layer,) * depth)) / dense_macs
 
+    def fraction(k_value: int, k_neurons: int) -> float:
+        layer = LayerSpec(tuple(range(heads)), (k_value,) * heads, k_neurons)
+        return count_macs(dataclasses.replace(spec, layers=(layer,) * depth)) / dense_macs
+
+    if value_dims:
         options = {(max(1, rnd(k * Dh / hidden)), k) for k in range(hidden + 1) for rnd in (math.floor, math.ceil)}
-        sizes = min(options, key=lambda o: abs(fraction(*o) - target))
-        reached = fraction(*sizes)
+    else:
+        options = {(Dh, k) for k in range(hidden + 1)}
+    sizes = min(options, key=lambda o: abs(fraction(*o) - target))
+    return sizes, fraction(*sizes)
+
+
+def _lands(reached: float, target: float) -> bool:
+    return abs(reached / target - 1) <= TOLERANCE
+
+
+def baseline_cut(spec: ViTSpec, method: str, target: float) -> dict[int, tuple[tuple[int, ...], float]]:
+    """The cuts of `method` (`ANALYTIC_METHODS`) of a model of `spec` nearest `target` x its MACs, from the
+    architecture alone (exact), by the number of heads kept per layer: each cut's sizes ((value dims per head,
+    neurons per FFN), or (neurons kept in all,) for `l1_ffn`) and its MACs fraction. `uniform` and `l1_ffn` keep
+    every head (one cut); the head-removing methods give every head count whose cut is within 0.5% of the
+    target. ValueError naming the closest when none is, so that a run can be refused before any weights or
+    data are read."""
+    dense_macs, H = count_macs(spec), spec.num_heads
+    if method in ("uniform", *HEAD_COUNT_METHODS):
+        counts = range(1, H + 1) if method in HEAD_COUNT_METHODS else (H,)
+        cuts = {h: _uniform_cut(spec, h, target, value_dims=method != "torch_pruning_heads") for h in counts}
     elif method == "l1_ffn":
         gamma = unit_costs(spec).gamma  # MACs are linear in the number of kept neurons
+        hidden, depth = spec.mlp_hidden_dense, len(spec.layers)
         floor_macs = dense_macs - gamma * hidden * depth
-        sizes = (min(max(round((target * dense_macs - floor_macs) / gamma), 0), hidden * depth),)
-        reached = (floor_macs + gamma * sizes[0]) / dense_macs
+        kept = min(max(round((target * dense_macs - floor_macs) / gamma), 0), hidden * depth)
+        cuts = {H: ((kept,), (floor_macs + gamma * kept) / dense_macs)}
     else:
-        raise ValueError(f"unknown baseline {method!r}: expected 'uniform' or 'l1_ffn' (torch_pruning: torch_pruning_cut)")
-    if abs(reached / target - 1) > TOLERANCE:
-        raise ValueError(
-            f"{method} cannot reach {target:.3f} of dense MACs within 0.5% (closest: {reached:.4f}); "
-            f"{'l1_ffn prunes only FFN neurons, so attention cost is a floor' if method == 'l1_ffn' else 'choose another target'}"
-        )
-    return sizes, reached
+        known = ", ".join(ANALYTIC_METHODS)
+        raise ValueError(f"unknown baseline {method!r}: expected one of {known} (torch_pruning: torch_pruning_cut)")
+    landing = {h: cut for h, cut in cuts.items() if _lands(cut[1], target)}
+    if not landing:
+        closest = min((cut[1] for cut in cuts.values()), key=lambda f: abs(f - target))
+        why = {
+            "l1_ffn": "l1_ffn prunes only FFN neurons, so attention cost is a floor",
+            "uniform": "uniform keeps every head at full Q/K width, so their cost is a floor",
+            "torch_pruning_heads": "it keeps at least one head per layer at full width, so its cost is a floor",
+        }.get(method, "choose another target")
+        raise ValueError(f"{method} cannot reach {target:.3f} of dense MACs within 0.5% (closest: {closest:.4f}); {why}")
+    return landing
 
 
-def prune_to_target(dense: nn.Module, method: str, target: float) -> PrunedViT:
-    """Cut a dense timm ViT to `target` x its MACs with a baseline rule and extract it: the cut `baseline_cut`
-    picks on the architecture, applied by L1 magnitude (ValueError when no cut is within 0.5% of the target)."""
+def cost_floor(dense: nn.Module, method: str) -> float:
+    """The smallest MACs fraction a cut of `method` reaches on the dense timm ViT `dense`: no FFN neuron and, per
+    layer, every head at one value dim (`uniform`), one head at one value dim (`uniform_heads`), one head at full
+    width (`torch_pruning_heads`), every head whole (`l1_ffn`); `torch_pruning`: its cheapest cut on a scan of ratios."""
+    spec = describe(dense)
+    dense_macs, H, Dh = count_macs(spec), spec.num_heads, spec.head_dim
+    if method == "torch_pruning":  # the cheapest of a scan of ratios (TP's MACs turn up again past it)
+        return min(count_macs(from_narrowed_timm(torch_pruned(dense, r / 25), spec)) for r in range(1, 25)) / dense_macs
+    heads, dims = {"uniform": (H, 1), "uniform_heads": (1, 1), "torch_pruning_heads": (1, Dh), "l1_ffn": (H, Dh)}[method]
+    layer = LayerSpec(tuple(range(heads)), (dims,) * heads, 0)
+    return count_macs(dataclasses.replace(spec, layers=(layer,) * len(spec.layers))) / dense_macs
+
+
+def baseline_candidates(dense: nn.Module, method: str, target: float) -> dict[int, PrunedViT]:
+    """Every cut of a dense timm ViT to `target` x its MACs with a baseline rule, extracted, by the number of
+    heads kept per layer (one entry but for `HEAD_COUNT_METHODS`); ValueError when none is within 0.5%."""
     if method == "torch_pruning":
-        return torch_pruning_cut(dense, target)
-    gated = gate_vit(copy.deepcopy(dense)).eval()
-    sizes, _ = baseline_cut(describe(gated), method, target)
-    set_gate_state(gated, uniform_state(gated, *sizes) if method == "uniform" else l1_ffn_state(gated, *sizes))
-    return extract(gated)
+        return {describe(dense).num_heads: torch_pruning_cut(dense, target)}
+    spec = describe(dense)
+    cuts = baseline_cut(spec, method, target)
+    if method == "torch_pruning_heads":
+        hidden = spec.mlp_hidden_dense
+        # TP keeps int(hidden x (1 - ratio)) neurons per layer: the ratio of k + 0.5 kept is exact under rounding
+        return {
+            h: from_narrowed_timm(torch_pruned(dense, max(0.0, 1 - (sizes[1] + 0.5) / hidden), spec.num_heads - h), spec)
+            for h, (sizes, _) in cuts.items()
+        }
+    candidates = {}
+    for h, (sizes, _) in cuts.items():
+        gated = gate_vit(copy.deepcopy(dense)).eval()
+        set_gate_state(gated, l1_ffn_state(gated, *sizes) if method == "l1_ffn" else uniform_state(gated, *sizes, heads=h))
+        candidates[h] = extract(gated)
+    return candidates
 
 
-def torch_pruned(dense: nn.Module, ratio: float) -> nn.Module:
+def prune_to_target(dense: nn.Module, method: str, target: float, score: Callable[[nn.Module], float] | None = None) -> PrunedViT:
+    """Cut a dense timm ViT to `target` x its MACs with a baseline rule and extract it (ValueError when no cut
+    is within 0.5% of the target). Where several head counts land (`HEAD_COUNT_METHODS`), `score` picks the
+    cut with the lowest score (the validation loss, say); without one that is refused, naming the counts."""
+    candidates = baseline_candidates(dense, method, target)
+    if len(candidates) == 1:
+        return next(iter(candidates.values()))
+    if score is None:
+        raise ValueError(
+            f"{method} lands on {target:.3f} of dense MACs with {sorted(candidates)} heads per layer: pass score "
+            "(e.g. the validation loss of each cut) to pick one"
+        )
+    return min(candidates.values(), key=score)
+
+
+def torch_pruned(dense: nn.Module, ratio: float, heads_removed: int | None = None) -> nn.Module:
     """Torch-Pruning's own cut of a copy of the timm ViT `dense` at `ratio` (`torch_pruning.pruner.MetaPruner`).
 
-    Criterion: `GroupMagnitudeImportance(p=1)`, the L1 norm over every weight a coupled group removes, ranked
-    globally over all blocks (`global_pruning`). Groups: the head dims of each attention (Q, K and V together,
-    the same dims in every head, TP's `prune_head_dims`) and the FFN neurons; the residual width stays (its
-    layers are ignored). The attention attributes TP leaves stale are updated so timm runs the result; its
-    explicit path is used, as timm's fused one would rescale attention by the narrowed width."""
+    Criterion: `GroupMagnitudeImportance(p=1)`, the L1 norm over every weight a coupled group removes. With
+    `heads_removed` 0: groups are the head dims of each attention (Q, K and V together, the same dims in every
+    head, TP's `prune_head_dims`) and the FFN neurons, ranked globally over all blocks (`global_pruning`).
+    Else TP's other ViT mode (`prune_num_heads`): `heads_removed` whole heads of every layer (their mean
+    importance) and `ratio` of every FFN's neurons, ranked within each layer, as TP's timm example does by
+    default (a global head ranking can empty a layer). The residual width stays (its layers are ignored).
+    The attention attributes TP leaves stale are updated so timm runs the result; its explicit path is used,
+    as timm's fused one would rescale attention by the narrowed width."""
     import torch_pruning as tp  # optional: only this baseline needs it
 
     model = copy.deepcopy(dense).eval()
@@ -122,16 +206,19 @@ def torch_pruned(dense: nn.Module, ratio: float) -> nn.Module:
         model,
         torch.randn(1, spec.in_chans, *spec.img_size),
         importance=tp.importance.GroupMagnitudeImportance(p=1),
-        global_pruning=True,
+        global_pruning=heads_removed is None,
         pruning_ratio=ratio,
         ignored_layers=ignored,
         unwrapped_parameters=vectors,
         num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
-        prune_head_dims=True,
-        prune_num_heads=False,
+        prune_head_dims=heads_removed is None,
+        prune_num_heads=heads_removed is not None,
+        # TP removes ceil(ratio x heads) per layer: half a head below the count is exact under rounding
+        head_pruning_ratio=max(0.0, (heads_removed or 0) - 0.5) / spec.num_heads,
     )
     pruner.step()
     for block in model.blocks:
+        block.attn.num_heads = pruner.num_heads[block.attn.qkv]
         block.attn.head_dim = block.attn.qkv.out_features // (3 * block.attn.num_heads)
         block.attn.attn_dim = block.attn.num_heads * block.attn.head_dim
         block.attn.fused_attn = False
@@ -140,19 +227,23 @@ def torch_pruned(dense: nn.Module, ratio: float) -> nn.Module:
 
 def torch_pruning_cut(dense: nn.Module, target: float) -> PrunedViT:
     """`torch_pruned` with its one pruning ratio bisected until the MACs are within 0.5% of `target` x the
-    dense MACs, converted to a `PrunedViT` (narrowed Q/K as `LayerSpec.qk_dim`), numerically equal to TP's model."""
+    dense MACs, converted to a `PrunedViT` (narrowed Q/K as `LayerSpec.qk_dim`), numerically equal to TP's model.
+    MACs fall with the ratio only until TP starts leaving a layer's head dims whole rather than empty them (on
+    the default model: 0.16 of MACs at ratio 0.8, 0.34 at 0.85): a ratio whose cut costs more than a smaller
+    ratio's did lies past that turn, so the search goes below it."""
     spec = describe(dense)
     dense_macs = count_macs(spec)
-    lo, hi, best = 0.0, 0.99, None
-    for _ in range(20):  # MACs fall as the ratio grows
+    lo, hi, best, tried = 0.0, 0.99, None, {}
+    for _ in range(20):
         mid = (lo + hi) / 2
         candidate = from_narrowed_timm(torch_pruned(dense, mid), spec)
-        fraction = count_macs(candidate) / dense_macs
+        fraction = tried[mid] = count_macs(candidate) / dense_macs
         if best is None or abs(fraction - target) < abs(count_macs(best) / dense_macs - target):
             best = candidate
         if abs(fraction / target - 1) <= TOLERANCE / 2:
             break
-        lo, hi = (mid, hi) if fraction > target else (lo, mid)
+        past_the_turn = any(r < mid and f < fraction for r, f in tried.items())
+        lo, hi = (mid, hi) if fraction > target and not past_the_turn else (lo, mid)
     reached = count_macs(best) / dense_macs
     if abs(reached / target - 1) > TOLERANCE:
         raise ValueError(

@@ -320,7 +320,7 @@ def paper_runs(params: dict) -> dict:
         # every full-length baseline at every budget and seed, the floor methods at theirs, and the unpruned
         # fine-tuning control
         "baselines": shape(
-            (len(full_length) * budgets + len(baselines["floor_methods"]) * len(baselines["floor_budgets"])) * seeds + seeds,
+            (len(full_length) * budgets + sum(len(b) for b in baselines["reach"].values())) * seeds + seeds,
             "finetune",
         ),
         "sweep": shape(len(ratios), "hiap", sweep_overrides(params, next(iter(ratios)))),

@@ -20,7 +20,7 @@ from .figures import (
 )
 from .importance import closing_vs_importance, dense_teacher, search_table, teacher_scores
 from .latency import latency_table, latency_vs_macs_target, load_models, onnx_runtimes
-from .tables import METHOD_LABELS, PAPER_TABLE2, PAPER_TABLE3, budget_table, results_table, write_table
+from .tables import METHOD_LABELS, PAPER_TABLE2, PAPER_TABLE3, budget_table, cost_floors, results_table, write_table
 
 __all__ = [
     "METHOD_LABELS",
@@ -33,6 +33,7 @@ __all__ = [
     "budget_table",
     "budget_trajectory_plot",
     "closing_vs_importance",
+    "cost_floors",
     "cost_table_plot",
     "dense_teacher",
     "explorer",

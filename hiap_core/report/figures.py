@@ -47,32 +47,54 @@ def gate_heatmaps(gates: pd.DataFrame, spec: ViTSpec, title: str, freeze_step: i
     return fig
 
 
-def pareto_plot(frontier: pd.DataFrame, control: tuple[float, float] | None = None, teacher: float | None = None):
+def pareto_plot(
+    frontier: pd.DataFrame,
+    control: tuple[float, float] | None = None,
+    teacher: float | None = None,
+    floors: dict[str, float] | None = None,
+    differences: pd.DataFrame | None = None,
+):
     """Accuracy vs MACs, one line per method through its budgets: the mean over seeds with its 95% interval
-    (`stats.frontier`), the unpruned control (mean, interval half-width) as a band and the teacher as a line."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (method, rows) in enumerate(frontier.groupby("method", sort=False)):
+    (`stats.frontier`), the unpruned control (mean, interval half-width) as a band, the teacher as a line and
+    each method's cost floor (`floors`: label -> MACs fraction) as a dotted line in its colour. With
+    `differences` (`stats.paired_differences` rows of one reference), a second panel: each method's paired
+    difference from the reference at the reference's MACs of each budget, with its 95% t interval."""
+    panels = 1 if differences is None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 5), squeeze=False)
+    ax = axes[0][0]
+    colors = {method: plt.cm.tab10(i % 10) for i, method in enumerate(dict.fromkeys(frontier["method"]))}
+    for method, rows in frontier.groupby("method", sort=False):
         rows = rows.sort_values("macs_fraction")
-        ax.errorbar(
-            100 * rows["macs_fraction"],
-            rows["acc_mean"],
-            yerr=rows["ci_half"],
-            fmt="o-",
-            capsize=3,
-            color=plt.cm.tab10(i),
-            label=method,
-        )
+        x, y = 100 * rows["macs_fraction"], rows["acc_mean"]
+        ax.errorbar(x, y, yerr=rows["ci_half"], fmt="o-", capsize=3, color=colors[method], label=method)
+    for method, floor in (floors or {}).items():
+        ax.axvline(100 * floor, color=colors.get(method, "tab:gray"), ls=":", lw=1.2)
     if control is not None:
         mean, half = control
         ax.axhspan(mean - half, mean + half, color="tab:gray", alpha=0.2)
         ax.axhline(mean, color="tab:gray", lw=1, label="unpruned control (KD fine-tune)")
     if teacher is not None:
         ax.axhline(teacher, color="black", ls="--", lw=1, label="teacher (dense)")
-    ax.set_xlabel("MACs per image (% of dense)")
+    ax.set_xlabel("MACs per image (% of dense); dotted: a method's cost floor")
     ax.set_ylabel("test accuracy (%): mean over seeds, 95% interval")
     ax.set_title("Accuracy vs MACs")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    if differences is not None:
+        ax = axes[0][1]
+        reference = differences["reference"].iloc[0]
+        at = frontier[frontier["method"] == reference].set_index("budget")["macs_fraction"]
+        for method, rows in differences.groupby("versus", sort=False):
+            x = 100 * rows["budget"].map(at)
+            yerr = [rows["diff_mean"] - rows["ci_low"], rows["ci_high"] - rows["diff_mean"]]
+            ax.errorbar(x, rows["diff_mean"], yerr=yerr, fmt="o-", capsize=3, color=colors.get(method, "tab:gray"), label=method)
+        ax.axhline(0, color="black", lw=1)
+        ax.set_xlabel(f"MACs per image (% of dense, {reference}'s)")
+        ax.set_ylabel(f"{reference} minus method (points): paired by seed, 95% t interval")
+        ax.set_title(f"Difference from {reference} (above 0: {reference} ahead)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 

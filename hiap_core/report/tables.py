@@ -4,8 +4,15 @@ as CSV and markdown to `reports/tables/`."""
 from __future__ import annotations
 
 import pandas as pd
+from torch import nn
 
+from ..core.baselines import cost_floor
+from ..core.budget import minimum_cost
+from ..core.cost import count_macs, unit_costs
+from ..core.describe import describe
 from ..core.files import atomic_write
+from ..core.quotas import Quotas
+from ..train.config import FLOOR_METHODS
 from ..train.paths import REPORTS
 from ..train.runs import run_metrics
 
@@ -41,13 +48,24 @@ PAPER_TABLE2 = pd.DataFrame(
 METHOD_LABELS = {
     "dense": "Dense",
     "finetune": "Dense + KD fine-tune (control)",
-    "uniform": "Uniform-Ratio",
+    "uniform": "Uniform-Ratio (every head, full Q/K)",
+    "uniform_heads": "Uniform with heads (same heads per layer, one width ratio)",
     "l1_ffn": "L1-Structured (FFN)",
-    "torch_pruning": "Torch-Pruning (L1 group, global)",
+    "torch_pruning": "Torch-Pruning (head dims, L1 group, global)",
+    "torch_pruning_heads": "Torch-Pruning (whole heads, L1 group, per layer)",
     "hiap": "HiAP",
     "transplant": "HiAP structure, full baseline fine-tune (transplant)",
     "two_phase": "HiAP structure, post-freeze fine-tune (two-phase at HiAP's compute)",
 }
+
+
+def cost_floors(teacher: nn.Module, hiap: dict) -> dict[str, float]:
+    """The smallest MACs fraction each method reaches on the dense `teacher` (its label -> fraction): HiAP's
+    under the `hiap` quotas, each baseline's cut (`baselines.cost_floor`); the frontier marks them."""
+    spec = describe(teacher)
+    quotas = Quotas.of(spec, hiap["min_heads"], hiap["min_value_fraction"], hiap["min_neuron_fraction"])
+    floors = {METHOD_LABELS["hiap"]: minimum_cost(spec, unit_costs(spec), quotas) / count_macs(spec)}
+    return floors | {METHOD_LABELS[m]: cost_floor(teacher, m) for m in (*FLOOR_METHODS, "uniform_heads")}
 
 
 def results_table(names: list[str]) -> pd.DataFrame:

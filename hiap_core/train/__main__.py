@@ -1,4 +1,4 @@
-"""`python -m hiap_core.train --method {dense,hiap,uniform,l1_ffn,torch_pruning,finetune,transplant} --out FOLDER [--set ...]`
+"""`python -m hiap_core.train --method METHOD --out FOLDER [--set ...]` (METHOD: one of `config.METHODS`)
 (resumable; `torchrun --nproc_per_node=N -m hiap_core.train ...` for DDP)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .config import ConfigError, config_from_params
+from .config import METHODS, ConfigError, config_from_params
 from .data import DatasetError
 from .engine import TrainingDiverged, train
 from .paths import PARAMS
@@ -17,7 +17,7 @@ from .paths import PARAMS
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Train a dense, HiAP or baseline ViT (resumable; torchrun for DDP).")
     parser.add_argument("--params", default=str(PARAMS), help="params file (default: the project's params.yaml)")
-    parser.add_argument("--method", required=True, help="dense | hiap | uniform | l1_ffn | torch_pruning | finetune | transplant")
+    parser.add_argument("--method", required=True, help=" | ".join(METHODS))
     parser.add_argument("--out", required=True, help="run folder (checkpoint, reports, model/)")
     parser.add_argument(  # `--set a=1 b=2` and `--set a=1 --set b=2` alike: every one counts
         "--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE", help="overrides, e.g. hiap.lambda_macro=4"

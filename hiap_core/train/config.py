@@ -19,7 +19,9 @@ from ..core.gated_vit import GATE_FORWARDS
 
 # finetune: the teacher, KD fine-tuned, unpruned; transplant: a HiAP run's units on the teacher's weights, fine-tuned
 # as a baseline (its full steps); two_phase: the same, fine-tuned for HiAP's post-freeze steps only (HiAP's compute)
-METHODS = ("dense", "hiap", "uniform", "l1_ffn", "torch_pruning", "finetune", "transplant", "two_phase")
+CUT_METHODS = ("uniform", "uniform_heads", "l1_ffn", "torch_pruning", "torch_pruning_heads")  # baselines cut to target_macs
+FLOOR_METHODS = ("uniform", "torch_pruning_heads", "torch_pruning", "l1_ffn")  # their cost floors: baselines.reach
+METHODS = ("dense", "hiap", *CUT_METHODS, "finetune", "transplant", "two_phase")
 TRANSPLANTS = ("transplant", "two_phase")  # the methods that train a HiAP run's units (`structure`)
 COSTS = ("macs", "latency")
 DATASETS = ("fashion_mnist", "cifar10", "imagenet")
@@ -308,7 +310,7 @@ def _validate(cfg: RunConfig) -> None:
     for name, ok, rule in _data_rules(cfg) + _range_rules(cfg) + _cost_rules(cfg):
         if not ok:
             _fail(name, _get(cfg, name), rule)
-    if cfg.method in ("uniform", "l1_ffn", "torch_pruning"):
+    if cfg.method in CUT_METHODS:
         if cfg.target_macs is None or not 0 < cfg.target_macs < 1:
             _fail("target_macs", cfg.target_macs, f"must be in (0, 1) for method {cfg.method}")
     if cfg.method in ("dense", "finetune", *TRANSPLANTS) and cfg.target_macs is not None:
@@ -369,9 +371,7 @@ def _names(cls) -> tuple[str, ...]:
 STAGE_GROUPS = {  # the params.yaml group each method's optimiser settings come from
     "dense": "dense",
     "hiap": "hiap",
-    "uniform": "baselines",
-    "l1_ffn": "baselines",
-    "torch_pruning": "baselines",
+    **dict.fromkeys(CUT_METHODS, "baselines"),
     "finetune": "baselines",
     "transplant": "baselines",
     "two_phase": "baselines",
@@ -405,8 +405,10 @@ PARAMS_SCHEMA = {
     "model": _leaves(*_names(ModelConfig)),
     "dense": _leaves(*_STAGE_KEYS),
     "hiap": _leaves(*_STAGE_KEYS),
-    "baselines": _leaves(*_STAGE_KEYS, "methods", "floor_methods", "floor_budgets"),
+    "baselines": _leaves(*_STAGE_KEYS, "methods", "reach"),
     "seeds": None,
+    "comparisons": _leaves("primary", "alpha", "detect", "power"),
+    "schedule": _leaves("budgets", "epochs", "methods"),
     "budgets": {"*": _leaves("target_macs")},
     "recipe_grid": _leaves("lr", "warmup", "budgets", "seed"),
     "recipes": {"*": None},
@@ -465,14 +467,52 @@ def _number_list(value, low: float, high: float) -> bool:
 
 
 def _recipe_picks_ok(picks) -> bool:
-    """A `recipes` entry: a non-empty list of {macs, lr, warmup} in their ranges."""
+    """A `recipes` entry: a non-empty list of {macs, lr, warmup} in their ranges (and `borrowed`: the method
+    whose pick it copies, where the grid has not tuned this one there)."""
     return bool(picks) and all(
-        set(p) == {"macs", "lr", "warmup"}
+        set(p) - {"borrowed"} == {"macs", "lr", "warmup"}
         and _number_list([p["lr"]], 1e-12, float("inf"))
         and _number_list([p["warmup"]], 0.0, 1.0)
         and _number_list([p["macs"]], 1e-9, 1.0 + 1e-9)
         for p in picks
     )
+
+
+def _method_rules(params: dict, names: set, linked: bool) -> list[tuple[str, Callable[[], bool], str]]:
+    """`baselines.reach` (every method with a cost floor, each with budgets of `budgets`), the declared primary
+    family (`comparisons.primary`: methods HiAP is compared with) and the schedule study's methods and budgets."""
+    base, comparisons, schedule = (params.get(key) or {} for key in ("baselines", "comparisons", "schedule"))
+    rules = []
+    if "reach" in base:
+        rules.append(
+            (
+                "baselines.reach",
+                lambda: (
+                    set(base["reach"]) == set(FLOOR_METHODS)
+                    and all(isinstance(b, list) and (not linked or set(b) <= names) for b in base["reach"].values())
+                ),
+                f"must give every method with a cost floor ({', '.join(FLOOR_METHODS)}) a list of budgets of `budgets`",
+            )
+        )
+    if "primary" in comparisons:
+        rules.append(
+            (
+                "comparisons.primary",
+                lambda: bool(comparisons["primary"]) and set(comparisons["primary"]) <= {*CUT_METHODS, *TRANSPLANTS},
+                f"must list methods HiAP is compared with (of {', '.join((*CUT_METHODS, *TRANSPLANTS))})",
+            )
+        )
+    if "methods" in schedule:
+        rules.append(
+            (
+                "schedule.methods",
+                lambda: (
+                    set(schedule["methods"]) <= {*CUT_METHODS, *TRANSPLANTS} and (not linked or set(schedule["budgets"]) <= names)
+                ),
+                "must list baselines (and schedule.budgets budgets of `budgets`)",
+            )
+        )
+    return rules
 
 
 def _study_rules(params: dict) -> list[tuple[str, Callable[[], bool], str]]:
@@ -484,7 +524,7 @@ def _study_rules(params: dict) -> list[tuple[str, Callable[[], bool], str]]:
     linked = "budgets" in params  # a partial params dict (a notebook's groups) has nothing to cross-reference
     known = f"must name budgets of `budgets` ({', '.join(sorted(names))})"
     grid = params.get("recipe_grid") or {}
-    base, ablation = params.get("baselines") or {}, params.get("ablation") or {}
+    ablation = params.get("ablation") or {}
 
     def distinct_seeds() -> bool:
         return (
@@ -514,16 +554,15 @@ def _study_rules(params: dict) -> list[tuple[str, Callable[[], bool], str]]:
             ("recipe_grid.warmup", lambda: _number_list([grid["warmup"]], 0.0, 1.0), "must be a fraction of the steps in [0, 1)"),
             ("recipe_grid.budgets", lambda: bool(grid["budgets"]) and (not linked or set(grid["budgets"]) <= names), known),
         ]
-    if "floor_budgets" in base and linked:
-        rules.append(("baselines.floor_budgets", lambda: set(base["floor_budgets"]) <= names, known))
     if "budget" in ablation and linked:
         rules.append(("ablation.budget", lambda: ablation["budget"] in names, known))
+    rules += _method_rules(params, names, linked)
     for method, picks in (params.get("recipes") or {}).items():
         rules.append(
             (
                 f"recipes.{method}",
                 lambda picks=picks: _recipe_picks_ok(picks),
-                "must be a list of {macs, lr, warmup}: macs in (0, 1], lr > 0, warmup in [0, 1)",
+                "must be a list of {macs, lr, warmup[, borrowed]}: macs in (0, 1], lr > 0, warmup in [0, 1)",
             )
         )
     return rules
@@ -647,13 +686,7 @@ def config_from_params(params: dict | str | Path, method: str, overrides: dict |
     flat = {}
     for section in ("data", "model"):
         flat.update({f"{section}.{k}": v for k, v in (params.get(section) or {}).items()})
-    flat.update(
-        {
-            _stage_field(k): v
-            for k, v in (params.get(stage) or {}).items()
-            if k not in ("methods", "floor_methods", "floor_budgets")
-        }
-    )
+    flat.update({_stage_field(k): v for k, v in (params.get(stage) or {}).items() if k not in ("methods", "reach")})
     if stage != "hiap":  # KD settings are shared by every distilled run
         flat.update({f"hiap.{k}": v for k, v in (params.get("hiap") or {}).items() if k in KD_KEYS})
     apply_overrides(cfg, flat)

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # console bars: tqdm.auto warns in kernels without ipywidgets
 
+from ..core.baselines import HEAD_COUNT_METHODS
 from ..core.cost import count_macs, expected_macs
+from ..core.describe import describe
 from ..core.extract import extract
 from ..core.gated_vit import gate_parameters, gate_vit
 from ..core.pruner import Pruner, param_groups
@@ -144,7 +146,8 @@ class Trainer:
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, self.teacher)
+        self.cut_val_loss: dict[int, float] = {}  # a head-removing baseline's candidates: heads per layer -> loss
+        model = build_model(cfg, self.teacher, self._cut_val_loss if cfg.method in HEAD_COUNT_METHODS else None)
         if cfg.method == "hiap":
             self.pruner = make_pruner(cfg, model, self.total_steps)
         self.inputs = run_inputs(cfg, self.loaders, self.pruner and self.pruner.costs)  # fixed for the run
@@ -157,6 +160,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none (disabled: a no-op)
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.amp_dtype == torch.float16)
+
+    def _cut_val_loss(self, cut: nn.Module) -> float:
+        """The validation loss of a baseline's candidate cut before fine-tuning: how it picks its head count."""
+        if self.loaders.val is None:
+            raise ConfigError(
+                f"invalid config: method {self.cfg.method} picks its head count on the validation split: set data.val_size > 0"
+            )
+        loss = evaluate(cut.to(self.dist.device), self.loaders.val, self.dist, False, self.amp_dtype)[1]
+        self.cut_val_loss[len(describe(cut).layers[0].heads)] = loss
+        return loss
 
     def _resume(self) -> int:
         """Load the checkpoint of this config, if any; returns the first epoch to train."""
@@ -342,6 +355,8 @@ class Trainer:
         metrics = final_metrics(cfg, final, acc, test_loss, self.history, self.total_steps)
         if self.loaders.val is not None:
             metrics["val_acc"], metrics["val_loss"] = evaluate(final, self.loaders.val, self.dist, self.show, self.amp_dtype)
+        if self.cut_val_loss:  # the pick, and what it was picked from
+            metrics["cut"] = {"heads": len(describe(final).layers[0].heads), "val_loss_by_heads": self.cut_val_loss}
         if self.pruner is not None:
             metrics["structure"] = self.pruner.summary()
             if self.pruner.rounding:

@@ -5,6 +5,7 @@ copy of the teacher, or a baseline cut from it)."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -92,9 +93,10 @@ def teacher_fingerprint(cfg: RunConfig) -> str:
     return file_sha256(Path(cfg.model.pretrained)) if cfg.model.pretrained not in (None, "hub") else str(cfg.model.pretrained)
 
 
-def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
+def build_model(cfg: RunConfig, teacher: nn.Module | None, score: Callable[[nn.Module], float] | None = None) -> nn.Module:
     """The model a run trains: dense (random init), the teacher's weights (HiAP's student, not yet gated;
-    the unpruned fine-tuning control), or a baseline cut from the teacher and extracted."""
+    the unpruned fine-tuning control), or a baseline cut from the teacher and extracted (`score`: how a
+    head-removing baseline picks among the head counts that land, lowest first; `prune_to_target`)."""
     if cfg.method == "dense":
         return build_dense_model(cfg)
     dense = build_dense_model(cfg) if cfg.teacher is not None else copy.deepcopy(teacher)
@@ -108,7 +110,7 @@ def build_model(cfg: RunConfig, teacher: nn.Module | None) -> nn.Module:
         return dense
     if cfg.method in TRANSPLANTS:
         return transplant(dense.eval(), pd.read_csv(structure_file(cfg)).to_dict("records"))
-    return prune_to_target(dense.eval(), cfg.method, cfg.target_macs)
+    return prune_to_target(dense.eval(), cfg.method, cfg.target_macs, score)
 
 
 def structure_file(cfg: RunConfig) -> Path:

@@ -56,9 +56,9 @@ PROFILES = {
             "batch_size": 64,
             "train_subset": 256,
             "methods": ["two_phase"],
-            "floor_methods": ["uniform"],
-            "floor_budgets": ["harsh"],
+            "reach": Replace({"uniform": ["harsh"], "torch_pruning_heads": [], "torch_pruning": [], "l1_ffn": []}),
         },
+        "schedule": {"budgets": ["harsh"], "epochs": [2, 3]},  # the smoke study has no `steep` budget
         # the grid's procedure on one rate at one budget (its Run All in tests/test_pipeline.py trains every cell)
         "recipe_grid": {"lr": [2.0e-4], "budgets": ["harsh"]},
         "sweep": {

@@ -9,7 +9,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..core.baselines import baseline_cut
+from ..core.baselines import ANALYTIC_METHODS, baseline_cut
 from ..core.budget import InfeasibleBudget, target_fraction
 from ..core.cost import UnitCosts, load_cost_table, unit_costs
 from ..core.describe import describe
@@ -35,11 +35,11 @@ def budget_field(cfg: RunConfig) -> tuple[str, float | None]:
 
 
 def check_budget(cfg: RunConfig) -> None:
-    """Refuse a budget no model can meet (HiAP's under its quotas, a uniform or L1-FFN cut's on the
-    architecture), or an unreadable cost table, before any data or teacher is read: the check runs on the
+    """Refuse a budget no model can meet (HiAP's under its quotas, a baseline cut's on the architecture
+    where its sizes follow from it), or an unreadable cost table, before any data or teacher is read: the check runs on the
     model built on the meta device."""
     field, target = budget_field(cfg)
-    if cfg.method not in ("hiap", "uniform", "l1_ffn") or target is None:
+    if cfg.method not in ("hiap", *ANALYTIC_METHODS) or target is None:
         return
     with torch.device("meta"):
         spec = describe(build_dense_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))))

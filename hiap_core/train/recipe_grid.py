@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .runs import run_overrides, study_run
+from .runs import run_overrides, study_methods, study_run
 
 
 def grid_run_name(method: str, budget: str | None, lr: float, warmup: float) -> str:
@@ -65,15 +65,9 @@ def run_grid(params: dict) -> pd.DataFrame:
         hiap = tune(params, "hiap", budget)
         rows += hiap
         picked = next(r["run"] for r in hiap if r["picked"])
-        for method in grid_baselines(params, budget):
+        for method in study_methods(params, budget)[1:]:  # the baselines the study runs there
             rows += tune(params, method, budget, match_run=picked)
     return pd.DataFrame(rows)
-
-
-def grid_baselines(params: dict, budget: str) -> list[str]:
-    """The baselines tuned at `budget`: `baselines.methods`, and `floor_methods` where they can reach it."""
-    base = params["baselines"]
-    return list(base["methods"]) + (list(base["floor_methods"]) if budget in base["floor_budgets"] else [])
 
 
 def picks(table: pd.DataFrame) -> dict:
@@ -88,10 +82,17 @@ def picks(table: pd.DataFrame) -> dict:
 
 
 def recipe_mismatches(table: pd.DataFrame, recipes: dict) -> list[str]:
-    """Where params.yaml `recipes` differs from the grid's picks, one line each (empty: they agree)."""
-    lines = []
-    for method, pick in picks(table).items():
-        have = [{k: float(v) for k, v in entry.items()} for entry in recipes.get(method, [])]
-        if have != pick:
-            lines.append(f"recipes.{method}: params.yaml has {have}, the grid picked {pick}")
-    return lines
+    """Where params.yaml `recipes` differs from the grid's picks, one line each (empty: they agree): a method's
+    own entries must be its picks, and a `borrowed` entry the named method's pick at that budget."""
+    chosen, lines = picks(table), []
+    for method in {*chosen, *recipes}:
+        entries = recipes.get(method, [])
+        own = [{k: float(v) for k, v in e.items()} for e in entries if "borrowed" not in e]
+        if method in chosen and own != chosen[method]:
+            lines.append(f"recipes.{method}: params.yaml has {own}, the grid picked {chosen[method]}")
+        for entry in (e for e in entries if "borrowed" in e):
+            source = {float(p["macs"]): p for p in chosen.get(entry["borrowed"], [])}.get(float(entry["macs"]))
+            if source is None or (float(source["lr"]), float(source["warmup"])) != (float(entry["lr"]), float(entry["warmup"])):
+                where = f"the entry borrowed from {entry['borrowed']} at {entry['macs']}"
+                lines.append(f"recipes.{method}: {where} is not its pick {source}")
+    return sorted(lines)

@@ -41,6 +41,13 @@ def study_run(
     return metrics
 
 
+def study_methods(params: dict, budget: str) -> list[str]:
+    """The methods the study runs at `budget`: HiAP, `baselines.methods`, and the methods with a cost floor
+    whose `baselines.reach` names it."""
+    base = params["baselines"]
+    return ["hiap", *base["methods"], *(m for m, budgets in base["reach"].items() if budget in budgets)]
+
+
 def sweep_overrides(params: dict, ratio: str) -> dict:
     """The settings of sweep run `ratio` (a key of `sweep.ratios`): its lambdas, its target (the ratio's own
     `target_macs` where it names one, else `sweep.target_macs`), and the sweep's length and data subset."""
