@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # The machine's pip config lists index folders that do not exist for every package: hide that noise.
 PIP_QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
 
-.PHONY: venv data test lint repro grid levers bench bench-gpu clean-venv
+.PHONY: venv data test lint repro grid levers schedule bench bench-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -53,6 +53,12 @@ grid: venv data
 levers: venv data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --single-item teacher_logits
 	$(PY) -m hiap_core.train.search_levers
+
+# How the gaps move with schedule length (reports/schedule/): HiAP, Uniform-Ratio and two-phase at 0.33 and 0.20 of
+# MACs with 2, 4 and 8 epochs, 3 seeds; the 2-epoch runs are the study's own (`make repro` first).
+schedule: venv data
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --single-item teacher_logits
+	$(PY) -m hiap_core.report.schedule
 
 bench: venv data
 	$(PY) -m hiap_core.measure.bench

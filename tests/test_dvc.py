@@ -184,6 +184,10 @@ HAND_MADE_REPORTS = {
     "reports/benchmarks/gpu_engine_runs.csv",  # the GPU training-engine runs behind gpu.json
     "reports/tables/search_levers.csv",  # `make levers`: the search's levers on validation (issue 29)
     "reports/tables/search_levers.md",
+    "reports/schedule/runs.csv",  # `make schedule`: the ranking against schedule length (issue 30)
+    "reports/schedule/gaps.csv",
+    "reports/schedule/gaps.md",
+    "reports/schedule/gaps.png",
 }
 
 

@@ -124,3 +124,26 @@ def test_frontier_points_carry_the_t_interval_over_seeds():
     assert point["total_steps"] == 194
     assert point["acc_mean"] == pytest.approx(82.0) and point["seeds"] == 3
     assert point["ci_half"] == pytest.approx(scipy_stats.t.ppf(0.975, 2) * 2.0 / 3**0.5)
+
+
+def test_the_primary_family_is_what_params_declare():
+    """HiAP against each method params.yaml `comparisons.primary` names, at every budget it ran; nothing else
+    (not the transplant's rows, not a method the params leave out)."""
+    from hiap_core.report.tables import METHOD_LABELS
+    from hiap_core.train.params import read_params
+
+    declared = read_params()["comparisons"]["primary"]
+    labels = {m: METHOD_LABELS[m] for m in ("hiap", "transplant", "finetune", *declared)}
+    rows = [(labels["hiap"], "b", s, 1, 1, 1, 80.0 + s) for s in range(3)]
+    for method in ("transplant", "finetune", *declared):
+        rows += [(labels[method], "b", s, 1, 1, 1, 79.0 + s + 0.1 * (s % 2)) for s in range(3)]
+    runs = runs_frame(rows)
+    paired = pd.concat(
+        [stats.paired_differences(runs, labels["hiap"]), stats.paired_differences(runs, labels["transplant"])],
+        ignore_index=True,
+    )
+    table = stats.holm_family(paired, stats.declared_family(paired, labels["hiap"], [labels[m] for m in declared]))
+    primary = table[table["family"] == "primary"]
+    assert sorted(primary["versus"]) == sorted(labels[m] for m in declared)
+    assert (primary["reference"] == labels["hiap"]).all() and len(primary) == len(declared)
+    assert list(primary["p_holm"]) == pytest.approx(stats.holm(list(primary["p"])))

@@ -127,6 +127,12 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
+def declared_family(paired: pd.DataFrame, reference: str, versus: list[str]) -> pd.Series:
+    """The rows of the family declared before the run: `reference` against each method of `versus`, at every
+    budget where both ran (params.yaml `comparisons.primary`, as labels)."""
+    return (paired["reference"] == reference) & paired["versus"].isin(versus)
+
+
 def holm_family(paired: pd.DataFrame, primary: pd.Series, alpha: float = 0.05) -> pd.DataFrame:
     """The rows where `primary` is true become the primary family: Holm over them alone (`p_holm`), and
     `significant` where that is below `alpha`; the other rows stay exploratory (no adjusted p)."""
