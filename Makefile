@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # The machine's pip config lists index folders that do not exist for every package: hide that noise.
 PIP_QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
 
-.PHONY: venv data test lint repro grid levers schedule bench bench-gpu clean-venv
+.PHONY: venv data test lint repro fanout grid levers schedule bench bench-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -40,6 +40,14 @@ lint: venv
 # DVC stages call papermill and python: the venv's bin comes first on PATH.
 repro: venv data
 	$(PY) -m hiap_core.train.params params.yaml
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# The stale training stages WORKERS at a time through submitit (hiap_core/fanout.py; THREADS per run, GPUS="0 1"
+# for one run per GPU), then `dvc repro` for the rest. Not yet timed against `make repro` on 2 cores.
+WORKERS ?= 2
+fanout: venv data
+	$(PY) -m hiap_core.train.params params.yaml
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m hiap_core.fanout --workers $(WORKERS) $(if $(THREADS),--threads $(THREADS)) $(if $(GPUS),--gpus $(GPUS))
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 # The fine-tune recipe grid (a frozen stage, about 40 fine-tunes): then copy its picks into params.yaml `recipes`.
