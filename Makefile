@@ -9,7 +9,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # The machine's pip config lists index folders that do not exist for every package: hide that noise.
 PIP_QUIET := 2> >(grep -v "is neither a file nor a directory" >&2)
 
-.PHONY: venv data test lint repro fanout grid levers schedule bench bench-gpu clean-venv
+.PHONY: venv data test lint repro fanout fanout-threads grid levers schedule bench bench-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -49,6 +49,12 @@ fanout: venv data
 	$(PY) -m hiap_core.train.params params.yaml
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m hiap_core.fanout --workers $(WORKERS) $(if $(THREADS),--threads $(THREADS)) $(if $(GPUS),--gpus $(GPUS))
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# 2 fine-tunes at a time with 1 thread each against 1 with 2 threads, over the same 8 HiAP runs (about 30 min on
+# 2 cores, on a quiet machine): reports/benchmarks/fanout_threads.json
+fanout-threads: venv data
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro --single-item teacher_logits
+	$(PY) -m hiap_core.measure.fanout_threads
 
 # The fine-tune recipe grid (a frozen stage, about 40 fine-tunes): then copy its picks into params.yaml `recipes`.
 # `dvc unfreeze` cannot rewrite a dvc.yaml with ${} variables, so the stage is thawed in the text for the run.

@@ -182,6 +182,7 @@ HAND_MADE_REPORTS = {
     "reports/README.md",  # the results in words
     "reports/benchmarks/gpu.json",  # `make bench-gpu` on a lent GPU machine
     "reports/benchmarks/gpu_engine_runs.csv",  # the GPU training-engine runs behind gpu.json
+    "reports/benchmarks/fanout_threads.json",  # `make fanout-threads`: how to spend 2 cores on fine-tunes (issue 32)
     "reports/tables/search_levers.csv",  # `make levers`: the search's levers on validation (issue 29)
     "reports/tables/search_levers.md",
     "reports/schedule/runs.csv",  # `make schedule`: the ranking against schedule length (issue 30)

@@ -1,0 +1,25 @@
+"""The thread-count benchmark's 8 fine-tunes are the study's own HiAP runs, as the CLI reads them."""
+
+import shlex
+from pathlib import Path
+
+from hiap_core.measure.fanout_threads import BUDGETS, SEEDS, commands
+from hiap_core.train.config import config_from_params
+from hiap_core.train.params import read_params
+from hiap_core.train.runs import run_overrides
+
+
+def test_each_command_trains_the_study_run_of_its_budget_and_seed(tmp_path: Path):
+    params = read_params()
+    runs = commands(params, tmp_path)
+    assert len(runs) == len(set(runs)) == len(BUDGETS) * len(SEEDS) == 8
+    for command, (budget, seed) in zip(runs, [(b, s) for b in BUDGETS for s in SEEDS]):
+        words = shlex.split(command)
+        assert words[1:5] == ["-m", "hiap_core.train", "--method", "hiap"]
+        out, sets = words[words.index("--out") + 1], words[words.index("--set") + 1 :]
+        assert out == f"{tmp_path}/{budget}_s{seed}"
+        from_cli = config_from_params(params, "hiap", [f"out={out}", *sets])
+        study = config_from_params(
+            params, "hiap", {"out": out, **run_overrides(params, "hiap", teacher="dense", budget=budget, seed=seed)}
+        )
+        assert from_cli == study
