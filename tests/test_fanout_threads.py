@@ -3,7 +3,7 @@
 import shlex
 from pathlib import Path
 
-from hiap_core.measure.fanout_threads import BUDGETS, SEEDS, commands
+from hiap_core.measure.fanout_threads import BUDGETS, RUNS, SEEDS, commands
 from hiap_core.train.config import config_from_params
 from hiap_core.train.params import read_params
 from hiap_core.train.runs import run_overrides
@@ -13,7 +13,8 @@ def test_each_command_trains_the_study_run_of_its_budget_and_seed(tmp_path: Path
     params = read_params()
     runs = commands(params, tmp_path)
     assert len(runs) == len(set(runs)) == len(BUDGETS) * len(SEEDS) == 8
-    for command, (budget, seed) in zip(runs, [(b, s) for b in BUDGETS for s in SEEDS]):
+    assert set(RUNS) == {(b, s) for b in BUDGETS for s in SEEDS}
+    for command, (budget, seed) in zip(runs, RUNS):
         words = shlex.split(command)
         assert words[1:5] == ["-m", "hiap_core.train", "--method", "hiap"]
         out, sets = words[words.index("--out") + 1], words[words.index("--set") + 1 :]
