@@ -75,9 +75,17 @@ def smoke_repo(tmp_path_factory) -> Path:
     repo = repo_copy(tmp / "repo")
     profiles.apply("smoke", repo / "params.yaml")
     enable_tiny_imagenet(repo, tmp)
-    result = subprocess.run(["dvc", "repro"], cwd=repo, env=ENV, capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert re.search(r"\[dense\] dense epoch 1/1 .* acc .* MACs .* elapsed, ~.* left", result.stdout), "no progress line"
+    log = tmp / "dvc_repro.log"  # streamed, so a repro that hangs still names its last stage
+    with log.open("w") as out:
+        try:
+            repro = subprocess.run(["dvc", "repro"], cwd=repo, env=ENV, stdout=out, stderr=subprocess.STDOUT, timeout=1500)
+            returncode = repro.returncode
+        except subprocess.TimeoutExpired:
+            returncode = "timed out after 1500 s"
+    output = log.read_text()
+    stages = re.findall(r"Running stage '([^']+)'", output)
+    assert returncode == 0, f"dvc repro: {returncode}, last stage {stages[-1:]}, log {log}:\n{output[-4000:]}"
+    assert re.search(r"\[dense\] dense epoch 1/1 .* acc .* MACs .* elapsed, ~.* left", output), "no progress line"
     return repo
 
 
