@@ -98,9 +98,11 @@ def test_one_change_of_a_control_draws_the_output_once(runs):
     box = explorer.explore("hiap_x", "uniform_x")
     pick, other, step = box.children[0].children
     assert box.draws == 1 and step.max == 24
+    assert len(box.children[1].outputs) == 4  # step table, comparison table, evolution and comparison figures
     pick.value = "uniform_x"  # fewer steps while the slider sits past their end: clamped quietly, drawn once
     assert box.draws == 2 and step.max == 12 and step.value == 12
     step.value = 5
     assert box.draws == 3
     other.value = "(none)"
     assert box.draws == 4
+    assert [output["output_type"] for output in box.children[1].outputs] == ["display_data"] * 2  # no comparison

@@ -240,7 +240,11 @@ def explore(first: str, second: str | None = None):
     except ImportError:
         print("ipywidgets is not installed: the figures above are static (set run_name / compare_with and rerun)")
         return None
-    from IPython.display import clear_output, display
+    from IPython.core.interactiveshell import InteractiveShell
+
+    def shown(item) -> dict:  # the display_data output `display(item)` would give
+        data, metadata = InteractiveShell.instance().display_formatter.format(item)
+        return {"output_type": "display_data", "data": data, "metadata": metadata}
 
     names = run_names()
     pick = widgets.Dropdown(options=names, value=first, description="run")
@@ -258,16 +262,17 @@ def explore(first: str, second: str | None = None):
         if quiet[0]:
             return
         run = load_run(pick.value)
-        with drawing, output:
-            clear_output(wait=True)
-            display(step_structure(run, step.value).T)
-            figures = [evolution_plot(run, step.value)]
+        with drawing:
+            tables, figures = [step_structure(run, step.value).T], [evolution_plot(run, step.value)]
             if other.value != "(none)":
                 runs = [run, load_run(other.value)]
-                display(comparison_table(runs))
+                tables.append(comparison_table(runs))
                 figures.append(comparison_plot(runs, step.value))
+            # set as the widget's state, not captured with `with output:`: under papermill, nbclient answers each
+            # captured output on the shell socket while it waits there for the cell's reply, and that race lost
+            # the reply (the gate_evolution stage hung in about 1 run in 10)
+            output.outputs = tuple(shown(item) for item in tables + figures)
             for fig in figures:
-                display(fig)
                 plt.close(fig)
         box.draws += 1
 
