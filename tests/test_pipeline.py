@@ -204,18 +204,20 @@ def test_on_a_fresh_clone_the_explorer_opens_every_committed_run(smoke_repo, tmp
 
 def test_two_fanned_out_workers_write_the_runs_the_sequential_repro_wrote_and_dvc_records_them(smoke_repo, tmp_path):
     """`python -m hiap_core.fanout` over 2 local workers (1 thread each, as the smoke repro's runs had) rewrites
-    the HiAP runs and a baseline cut to them: the same model files, byte for byte, and every stage in dvc.lock."""
+    the harsh HiAP runs and the baseline cut to them: the same model files, byte for byte, and every stage in
+    dvc.lock; the moderate HiAP runs, up to date, are left alone."""
     pytest.importorskip("submitit")
-    stages = ["hiap", "uniform"]  # HiAP at two budgets, and a baseline cut to its harsh runs
+    stages = ["hiap", "uniform"]
     fanned = shutil.copytree(smoke_repo, tmp_path / "fanned", symlinks=True)
-    runs = sorted(p.name for p in (fanned / "data" / "runs").iterdir() if p.name.startswith(("hiap_", "uniform_")))
-    assert len(runs) == 6
+    runs = sorted(p.name for p in (fanned / "data" / "runs").iterdir() if p.name.startswith(("hiap_harsh", "uniform_")))
+    assert len(runs) == 4
     for name in runs:
         shutil.rmtree(fanned / "data" / "runs" / name)
     command = [sys.executable, "-m", "hiap_core.fanout", "--workers", "2", "--threads", "1", *stages]
     result = subprocess.run(command, cwd=fanned, env=ENV, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "wave 1: 4 stages, 2 at a time" in result.stdout and "wave 2: 2 stages" in result.stdout  # HiAP first
+    assert "wave 1: 2 stages, 2 at a time" in result.stdout and "wave 2: 2 stages" in result.stdout  # HiAP first
+    assert "hiap@moderate" not in result.stdout
 
     def timeless(path: Path) -> dict:  # the wall times differ run to run
         return {k: v for k, v in json.loads(path.read_text()).items() if k != "train_time_s"}
