@@ -106,3 +106,14 @@ def test_one_change_of_a_control_draws_the_output_once(runs):
     other.value = "(none)"
     assert box.draws == 4
     assert [output["output_type"] for output in box.children[1].outputs] == ["display_data"] * 2  # no comparison
+
+
+def test_the_explorer_sets_its_output_and_never_captures_into_it(runs, monkeypatch):
+    """Output captured with `with output:` makes nbclient (papermill) answer on the shell socket while it awaits
+    the cell's reply there: that race hung the gate_evolution stage about 1 run in 10."""
+    import ipywidgets
+
+    monkeypatch.setattr(ipywidgets.Output, "__enter__", lambda self: pytest.fail("captured into the Output widget"))
+    box = explorer.explore("hiap_x", "uniform_x")
+    box.children[0].children[2].value = 5
+    assert box.draws == 2 and len(box.children[1].outputs) == 4
