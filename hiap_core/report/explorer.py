@@ -268,9 +268,7 @@ def explore(first: str, second: str | None = None):
                 runs = [run, load_run(other.value)]
                 tables.append(comparison_table(runs))
                 figures.append(comparison_plot(runs, step.value))
-            # set as the widget's state, not captured with `with output:`: under papermill, nbclient answers each
-            # captured output on the shell socket while it waits there for the cell's reply, and that race lost
-            # the reply (the gate_evolution stage hung in about 1 run in 10)
+            # set as the widget's state, never captured: DESIGN.md, "The explorer's widgets under papermill"
             output.outputs = tuple(shown(item) for item in tables + figures)
             for fig in figures:
                 plt.close(fig)
