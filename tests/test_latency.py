@@ -84,6 +84,40 @@ def test_measured_table_is_a_cost_for_the_same_architecture(tmp_path, monkeypatc
     assert hiap_core.ViTSpec.from_dict(json.loads(path.read_text())["spec"]) == spec.dense()
 
 
+def flat_then_flops(flat_timings: int):
+    """Stands in for `alternate`: every model "takes" 2 ms (all noise, no width effect) for the first
+    `flat_timings` timings, then its FLOPs' time (`flops_as_seconds`); records the rounds asked each time."""
+    asked = []
+
+    def timing(calls, runs, **kwargs):
+        asked.append(runs)
+        if len(asked) <= flat_timings:
+            return {name: [2e-3] * runs for name in calls}
+        return flops_as_seconds(calls, runs, **kwargs)
+
+    return timing, asked
+
+
+def test_a_table_with_no_unit_cost_is_timed_again_with_twice_the_runs(monkeypatch):
+    timing_fn, asked = flat_then_flops(flat_timings=2)
+    monkeypatch.setattr(timing, "alternate", timing_fn)
+    table, _ = latency.measure_cost_table(
+        make_vit(depth=2, embed_dim=24), batch_size=4, fit_models=6, eval_models=3, runs=2, progress=False
+    )
+    assert asked == [2, 4, 8] and table["runs_per_model"] == 8
+    assert any(table["coefficients"][c] > 0 for c in ("head", "value_dim", "neuron"))
+
+
+def test_timings_that_never_resolve_a_unit_cost_are_refused_naming_the_fix(monkeypatch):
+    timing_fn, asked = flat_then_flops(flat_timings=100)
+    monkeypatch.setattr(timing, "alternate", timing_fn)
+    with pytest.raises(ValueError, match=r"with up to 16 runs per model: .*raise cost_table.batch_size or cost_table.runs"):
+        latency.measure_cost_table(
+            make_vit(depth=2, embed_dim=24), batch_size=4, fit_models=6, eval_models=3, runs=2, progress=False
+        )
+    assert asked == [2, 4, 8, 16]
+
+
 def test_too_few_models_to_fit_is_a_clear_error():
     with pytest.raises(ValueError, match="fit_models >= 4"):
         latency.measure_cost_table(make_vit(), fit_models=3, progress=False)

@@ -7,7 +7,9 @@ timed (round-robin, so drift hits all alike) and the linear decomposition
 
 is fitted by least squares. It has the structure of the MACs cost, so `hiap.cost: latency` feeds it
 through the same penalty code (`hiap_core.load_cost_table`). Models of other random widths, timed in the
-same loop but not used in the fit, measure how well the table predicts real latency.
+same loop but not used in the fit, measure how well the table predicts real latency. A fit in which no unit
+costs anything (a small model on a busy machine: noise larger than the widths' effect) is timed again with
+twice the runs, up to `RETIMINGS` times, and then refused: such a table is no cost to steer by.
 
     python -m hiap_core.measure.cost_table --params params.yaml --out reports/tables/cost_table.json
 """
@@ -38,6 +40,8 @@ from .states import random_budget_state, random_width_state
 from ..core.timing import machine
 
 COEFFICIENTS = ("static", "head", "value_dim", "neuron")
+UNIT_COEFFICIENTS = COEFFICIENTS[1:]
+RETIMINGS = 3  # at most 1 + 2 + 4 + 8 = 15 times the runs asked for
 
 
 def unit_counts(spec: ViTSpec) -> dict:
@@ -85,6 +89,24 @@ def prediction_quality(measured, predicted) -> dict:
     }
 
 
+def time_and_fit(models: dict, samples: pd.DataFrame, x: torch.Tensor, runs: int, progress: bool) -> tuple[dict, int]:
+    """Time every model (`samples["ms"]`, in place) and fit the table on the `fit` rows, timing again with twice
+    the runs while no unit cost comes out above 0; returns (coefficients, runs per model)."""
+    for retiming in range(RETIMINGS + 1):
+        ms = models_ms(models, x, runs, warmup=2, progress=progress)
+        samples["ms"] = [ms[name] for name in samples["model"]]
+        coefficients = fit_linear(samples[samples.role == "fit"])
+        if any(coefficients[c] > 0 for c in UNIT_COEFFICIENTS):
+            return coefficients, runs
+        if retiming < RETIMINGS:
+            runs *= 2
+    raise ValueError(
+        f"the latency of {int((samples.role == 'fit').sum())} models of random widths at batch {len(x)} does not grow with "
+        f"any unit (heads, value dims, neurons) above this machine's timing noise, with up to {runs} runs per model: "
+        "measure on a quieter machine, or raise cost_table.batch_size or cost_table.runs"
+    )
+
+
 def measure_cost_table(
     dense: nn.Module,
     batch_size: int = 64,
@@ -117,10 +139,8 @@ def measure_cost_table(
         rows.append({"model": f"m{i}", "role": role, **unit_counts(spec), "macs": count_macs(spec)})
     spec = describe(dense)
     x = torch.randn(batch_size, spec.in_chans, *spec.img_size)
-    ms = models_ms(models, x, runs, warmup=2, progress=progress)
     samples = pd.DataFrame(rows)
-    samples["ms"] = [ms[name] for name in samples["model"]]
-    coefficients = fit_linear(samples[samples.role == "fit"])
+    coefficients, timed_runs = time_and_fit(models, samples, x, runs, progress)
     samples["predicted_ms"] = [predict_ms(coefficients, models[name].spec) for name in samples["model"]]
     fit, held_out = samples[samples.role == "fit"], samples[samples.role == "eval"]
     dense_ms = predict_ms(coefficients, spec.dense())
@@ -134,7 +154,7 @@ def measure_cost_table(
         "static_fraction": coefficients["static"] / dense_ms,
         "fit": {"models": len(fit), **prediction_quality(fit["ms"], fit["predicted_ms"])},
         "evaluation": {"models": len(held_out), **prediction_quality(held_out["ms"], held_out["predicted_ms"])},
-        "runs_per_model": runs,
+        "runs_per_model": timed_runs,
         "seed": seed,
     }
     return table, samples
