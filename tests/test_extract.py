@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from hypothesis import given, settings, strategies as st
 
 import hiap_core
@@ -151,6 +152,26 @@ def test_an_architecture_edited_to_the_same_shapes_is_refused(tmp_path, edit):
     edit(arch["spec"])
     (folder / "architecture.json").write_text(json.dumps(arch))
     with pytest.raises(ValueError, match="not the architecture") as err:
+        hiap_core.load_pruned(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_a_model_whose_weights_hash_entry_was_removed_is_refused(tmp_path):
+    """Deleting `weights_sha256` from architecture.json and changing the weights loaded silently: the weights'
+    metadata show the file was written with the entry, so its absence is refused (files older than both load)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = hiap_core.save_pruned(hiap_core.extract(gated_copy(make_vit())), tmp_path / "m")
+    arch = json.loads((folder / "architecture.json").read_text())
+    del arch["weights_sha256"]
+    (folder / "architecture.json").write_text(json.dumps(arch))
+    weights = folder / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(weights))
+    tensors["head.bias"] = tensors["head.bias"] + 1.0
+    save_file(tensors, str(weights), metadata=metadata)
+    with pytest.raises(ValueError, match="has no weights_sha256 entry.*restore it or save the model again") as err:
         hiap_core.load_pruned(folder)
     assert "\n" not in str(err.value)
 

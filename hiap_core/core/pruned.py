@@ -266,15 +266,34 @@ def _device(map_location: str | torch.device) -> torch.device:
     return device
 
 
-def _check_spec_hash(weights: Path, arch_file: Path, spec: ViTSpec) -> None:
-    """The architecture the weights were saved with is the one the JSON describes (same shapes are not enough:
-    permuted value widths or another norm eps load silently and give other logits)."""
+def _recorded_spec_hash(weights: Path) -> str | None:
+    """The sha256 of the architecture the weights were saved with, from their metadata (None in files written
+    before it was recorded)."""
     try:
         with safe_open(str(weights), "pt") as f:
-            recorded = (f.metadata() or {}).get(SPEC_HASH_KEY)
+            return (f.metadata() or {}).get(SPEC_HASH_KEY)
     except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
         raise ValueError(f"{weights} is not a readable safetensors file (corrupt or truncated): {err}") from err
-    if recorded is not None and recorded != spec_sha256(spec):  # absent in files written before it was recorded
+
+
+def _check_files_vouch(weights: Path, arch_file: Path, arch: dict, spec: ViTSpec) -> None:
+    """The weights are the file the JSON was saved with (its sha256), and the architecture the JSON describes is
+    the one the weights were saved with (same shapes are not enough: permuted value widths or another norm eps
+    load silently and give other logits). Files older than either record load as they did."""
+    recorded = arch.get("weights_sha256")
+    if recorded is not None and file_sha256(weights) != recorded:
+        raise ValueError(
+            f"{weights} is not the file {arch_file} was saved with (its sha256 differs): changed or replaced since; "
+            "restore it or save the model again"
+        )
+    spec_hash = _recorded_spec_hash(weights)
+    if recorded is None and spec_hash is not None:  # save_pruned has written both since the weights record the spec
+        raise ValueError(
+            f"{arch_file} has no weights_sha256 entry, which save_pruned writes beside weights that record their "
+            f"architecture (as {weights} does): removed since, so the weights cannot be checked; restore it or save "
+            "the model again"
+        )
+    if spec_hash is not None and spec_hash != spec_sha256(spec):
         raise ValueError(
             f"{arch_file} is not the architecture {weights} was saved with (edited since: value_dims, global_pool, "
             "norm_eps, ...); restore it or save the model again"
@@ -309,13 +328,7 @@ def load_pruned(path: str | os.PathLike, map_location: str | torch.device = "cpu
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: expected a folder written by hiap_core.save_pruned")
     arch, spec = _read_architecture(arch_file)
-    recorded = arch.get("weights_sha256")  # absent in files written before it was recorded
-    if recorded is not None and file_sha256(weights) != recorded:
-        raise ValueError(
-            f"{weights} is not the file {arch_file} was saved with (its sha256 differs): changed or replaced since; "
-            "restore it or save the model again"
-        )
-    _check_spec_hash(weights, arch_file, spec)
+    _check_files_vouch(weights, arch_file, arch, spec)
     model = PrunedViT(spec)
     try:
         state = load_file(str(weights), device=str(device))
