@@ -97,8 +97,9 @@ def test_malformed_params_file_is_one_line_with_its_place(tmp_path, text, expect
 
 def test_every_number_float_parses_is_accepted_in_params_and_overrides():
     params = {**PARAMS, "dense": {**PARAMS["dense"], "lr": "1e-3", "epochs": "3", "batch_size": 64.0}}
-    cfg = config_from_params(params, "dense", ["optim.min_lr=1e-6", "hiap.tau0=2E0"])
-    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.min_lr, cfg.hiap.tau0) == (1e-3, 3, 64, 1e-6, 2.0)
+    cfg = config_from_params(params, "dense", ["optim.min_lr=1e-6"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.min_lr) == (1e-3, 3, 64, 1e-6)
+    assert config_from_params(params, "hiap", ["teacher=t", "hiap.tau0=2E0"]).hiap.tau0 == 2.0
     assert type(cfg.optim.epochs) is int and type(cfg.optim.batch_size) is int
     assert "optim.lr = nan: must be finite" in one_line_error(params, overrides=["optim.lr=nan"])
     assert "optim.epochs = 2.5" in one_line_error(params, overrides=["optim.epochs=2.5"])
@@ -113,6 +114,19 @@ def test_stage_group_names_work_on_the_command_line_for_the_runs_own_stage():
     assert "unknown field 'dense.epochz': did you mean dense.epochs?" in one_line_error(PARAMS, "dense", ["dense.epochz=1"])
     assert "unknown section 'optm.lr': did you mean optim?" in one_line_error(PARAMS, "dense", ["optm.lr=1"])
     assert "not a YAML value" in one_line_error(PARAMS, "dense", ["optim.lr=[1"])
+
+
+def test_gate_settings_set_on_a_run_that_trains_no_gates_are_refused():
+    """`--set hiap.lambda_macro=9` on a uniform run was ignored without a word."""
+    for method, override in [
+        ("uniform", "hiap.lambda_macro=9"),
+        ("dense", "optim.gate_lr=0.5"),
+        ("transplant", "hiap.init_logit=1"),
+    ]:
+        message = one_line_error(PARAMS, method, ["teacher=t", "structure=s", override])
+        assert f"{override.partition('=')[0]} set on a {method} run, which trains no gates" in message
+    kd = config_from_params(PARAMS, "uniform", {"teacher": "t", "target_macs": 0.5, "hiap.kd_alpha": 0.3})
+    assert kd.hiap.kd_alpha == 0.3  # the distillation settings are every distilled run's
 
 
 @pytest.mark.parametrize(

@@ -212,6 +212,38 @@ def test_cached_teacher_logits_equal_the_live_teachers_forward(tmp_path):
     assert fast["test_acc"] == pytest.approx(live["test_acc"], abs=0.01)  # the same training up to float rounding
 
 
+def test_a_teacher_logits_cache_vouches_for_itself_on_read(tmp_path):
+    """A cache with flipped bits was used, and a truncated one was a safetensors traceback: each is one line."""
+    from safetensors.torch import save_file
+
+    logits, folder = torch.randn(8, 10), tmp_path / "logits"
+    folder.mkdir()
+    path = folder / data.LOGITS_FILE
+    cfg = config_from_params(TINY, "finetune", {"teacher": str(tmp_path / "dense"), "teacher_logits": str(folder)})
+    metadata = {"teacher_sha256": "t", "images_sha256": "i", "logits_sha256": data.logits_fingerprint(logits)}
+    flipped = logits.clone()
+    flipped[3, 4] = -flipped[3, 4]
+    cases = [
+        ({"logits": flipped}, metadata, "holds other values than it was written with"),
+        (
+            {"logits": logits},
+            {k: v for k, v in metadata.items() if k != "logits_sha256"},
+            "records no sha256 of its values \\(an older cache\\)",
+        ),
+        ({"logits": logits}, metadata, "not a readable logits cache \\(corrupt or truncated\\)"),
+    ]
+    for tensors, written, message in cases:
+        save_file(tensors, str(path), metadata=written)
+        if "truncated" in message:
+            path.write_bytes(path.read_bytes()[:-7])
+        with pytest.raises(ConfigError, match=f"{message}; remake it") as err:
+            data.load_teacher_logits(cfg, "t")
+        assert "\n" not in str(err.value)
+    save_file({"logits": logits}, str(path), metadata=metadata)
+    with pytest.raises(ConfigError, match="another teacher's weights"):  # the values check out: the next check speaks
+        data.load_teacher_logits(cfg, "another")
+
+
 def test_teacher_logits_into_a_folder_it_cannot_write_are_refused_before_the_teacher_is_read(tmp_path, monkeypatch):
     from hiap_core.train import teacher_logits
 

@@ -238,7 +238,7 @@ def test_baselines_reach_targets_or_say_why():
 
 @needs_fashion
 def test_wrong_or_missing_teacher_is_a_clear_error(dense_run, tmp_path):
-    with pytest.raises(ConfigError, match="run the dense stage first"):
+    with pytest.raises(ConfigError, match=r"run the dense stage \(method dense\) first"):
         engine.train(tiny_cfg("hiap", tmp_path / "a", teacher=str(tmp_path / "none")))
     with pytest.raises(ConfigError, match="does not match the model config"):
         engine.train(tiny_cfg("hiap", tmp_path / "b", teacher=str(dense_run[0]), **{"model.embed_dim": 64}))
@@ -451,6 +451,12 @@ def test_stage_groups_may_train_on_a_subset_and_profiles_merge(tmp_path):
     profiles.apply("paper", file)
     text = file.read_text()
     assert "# kept comment" in text and "dataset: cifar10" in text and "epochs: 200" in text
+    assert profiles.applied_profile(text) == "paper" and text.startswith("# profile: paper ")
+    profiles.apply("paper", file)  # again: the same file, marked once
+    assert file.read_text() == text
+    with pytest.raises(SystemExit, match="has the 'paper' profile.*git checkout .*then apply 'smoke'"):
+        profiles.apply("smoke", file)  # smoke's seeds and budgets would stay under paper's, and the reverse
+    assert file.read_text() == text
 
 
 @needs_fashion
@@ -761,6 +767,29 @@ def test_two_phase_trains_exactly_hiaps_post_freeze_steps_on_exactly_its_units(d
     assert two_phase["macs"] == hiap["macs"]
     with pytest.raises(ValueError, match="whole number"):  # 3 epochs at the default 0.5: 1.5 epochs after the freeze
         post_freeze_epochs({**TINY, "hiap": {**TINY["hiap"], "search_fraction": 0.5}})
+
+
+def test_later_stages_read_a_hiap_runs_landing_and_units_from_its_hash_checked_model(dense_run, tmp_path, monkeypatch):
+    """A hand-edited metrics.json (macs 0.67 -> 0.47) made the uniform baseline cut to 0.47 while the HiAP model
+    sat at 0.67; an edited closing.csv would move a transplant's units the same way. Both are refused."""
+    from hiap_core.train import runs
+
+    monkeypatch.setattr(runs, "RUNS", tmp_path)
+    teacher = str(dense_run[0])
+    hiap = engine.train(tiny_cfg("hiap", tmp_path / "hiap", teacher=teacher, target_macs=0.6))
+    assert runs.landed_macs_fraction("hiap") == hiap["macs_fraction"]
+    metrics = json.loads((tmp_path / "hiap" / "metrics.json").read_text())
+    (tmp_path / "hiap" / "metrics.json").write_text(json.dumps({**metrics, "macs_fraction": 0.47}))
+    with pytest.raises(ConfigError, match=r"says macs_fraction 0.47, its model 0.\d+: the metrics were changed") as err:
+        runs.run_overrides(TINY, "uniform", teacher="dense", match_run="hiap", lr_warmup={"lr": 1e-3, "warmup": 0})
+    assert "\n" not in str(err.value)
+    closing = pd.read_csv(tmp_path / "hiap" / "closing.csv")
+    kept = closing.index[(closing["kind"] == "neuron") & (closing["closed_step"] < 0)]
+    closing.loc[kept[:3], "closed_step"] = 0  # three kept neurons marked closed
+    closing.to_csv(tmp_path / "hiap" / "closing.csv", index=False)
+    cfg = tiny_cfg("transplant", tmp_path / "t", teacher=teacher, structure=str(tmp_path / "hiap"))
+    with pytest.raises(ConfigError, match="its closing.csv does not describe the units its model kept"):
+        models.build_model(cfg, models.load_teacher(cfg))
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])

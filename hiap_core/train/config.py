@@ -692,4 +692,11 @@ def config_from_params(params: dict | str | Path, method: str, overrides: dict |
     apply_overrides(cfg, flat)
     if overrides:
         apply_overrides(cfg, overrides)
+        keys = overrides if isinstance(overrides, dict) else [text.partition("=")[0] for text in overrides]
+        unread = [key for key in keys if not read_by(method, key)]
+        if unread:  # params.yaml's shared groups hold them for every method; a run's own setting must count
+            raise ConfigError(
+                f"invalid config: {', '.join(unread)} set on a {method} run, which trains no gates and never reads "
+                "them: drop them, or train method hiap"
+            )
     return cfg.validate()

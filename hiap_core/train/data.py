@@ -440,10 +440,15 @@ def images_fingerprint(images: torch.Tensor) -> str:
     return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
 
 
+def logits_fingerprint(logits: torch.Tensor) -> str:
+    """sha256 of the cached logits' values, kept in the cache's metadata: the file vouches for itself on read."""
+    return hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()
+
+
 def load_teacher_logits(cfg, teacher_sha256: str) -> torch.Tensor:
     """The cached teacher logits of `cfg.teacher_logits` (`cfg`: a `config.RunConfig`), refused in one line
-    unless they were made from this teacher (`teacher_sha256`) and these training images, for a flip-only
-    augmentation."""
+    unless they are the values the cache was written with (a truncated or changed file is refused) and were
+    made from this teacher (`teacher_sha256`) and these training images, for a flip-only augmentation."""
     from safetensors import safe_open
 
     path = Path(cfg.teacher_logits) / LOGITS_FILE
@@ -452,8 +457,20 @@ def load_teacher_logits(cfg, teacher_sha256: str) -> torch.Tensor:
         raise ConfigError(f"{where}: cached logits are exact for data.augment flip or none, not crop_flip")
     if not path.is_file():
         raise ConfigError(f"{where}: {path} not found; make it with python -m hiap_core.train.teacher_logits")
-    with safe_open(str(path), "pt") as f:
-        metadata, logits = f.metadata() or {}, f.get_tensor("logits")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata, logits = f.metadata() or {}, f.get_tensor("logits")
+    except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+        raise ConfigError(
+            f"{where}: {path} is not a readable logits cache (corrupt or truncated); remake it (the teacher_logits stage)"
+        ) from err
+    if metadata.get("logits_sha256") != logits_fingerprint(logits):
+        why = (
+            "records no sha256 of its values (an older cache)"
+            if "logits_sha256" not in metadata
+            else "holds other values than it was written with"
+        )
+        raise ConfigError(f"{where}: {path} {why}; remake it (the teacher_logits stage)")
     if metadata.get("teacher_sha256") != teacher_sha256:
         raise ConfigError(f"{where}: made from another teacher's weights; remake it (the teacher_logits stage)")
     if metadata.get("images_sha256") != images_fingerprint(load_split(cfg.data, "train").images):

@@ -72,17 +72,23 @@ def build_dense_model(cfg: RunConfig) -> nn.Module:
     return model
 
 
+def load_model(run: str | Path, role: str, stage: str) -> nn.Module:
+    """The saved model of run folder `run` (`model/`, hash-checked); one line naming `role` (the field that names
+    the run) and `stage` (what writes it) when it is missing or damaged."""
+    folder = Path(run) / "model"
+    if not folder.is_dir():
+        raise ConfigError(f"{role} = {str(run)!r}: {folder} not found; run {stage} first")
+    try:
+        return load_pruned(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{role} = {str(run)!r}: {err}; rerun {stage}") from err
+
+
 def load_teacher(cfg: RunConfig) -> nn.Module:
     """The dense teacher: the dense run's saved model, or the pretrained checkpoint."""
     if cfg.teacher is None:
         return build_dense_model(cfg).eval()
-    folder = Path(cfg.teacher) / "model"
-    if not folder.is_dir():
-        raise ConfigError(f"teacher = {cfg.teacher!r}: {folder} not found; run the dense stage first (method dense)")
-    try:
-        return load_pruned(folder)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"teacher = {cfg.teacher!r}: {err}; rerun the dense stage (method dense)") from err
+    return load_model(cfg.teacher, "teacher", "the dense stage (method dense)")
 
 
 def teacher_fingerprint(cfg: RunConfig) -> str:
@@ -109,7 +115,13 @@ def build_model(cfg: RunConfig, teacher: nn.Module | None, score: Callable[[nn.M
     if cfg.method in ("hiap", "finetune"):
         return dense
     if cfg.method in TRANSPLANTS:
-        return transplant(dense.eval(), pd.read_csv(structure_file(cfg)).to_dict("records"))
+        student = transplant(dense.eval(), pd.read_csv(structure_file(cfg)).to_dict("records"))
+        if student.spec.layers != load_model(cfg.structure, "structure", "its HiAP stage").spec.layers:
+            raise ConfigError(
+                f"invalid config: structure = {cfg.structure!r}: its closing.csv does not describe the units its "
+                "model kept (changed since the run wrote it); rerun that HiAP run's stage"
+            )
+        return student
     return prune_to_target(dense.eval(), cfg.method, cfg.target_macs, score)
 
 

@@ -8,8 +8,11 @@ profile into params.yaml; then `dvc repro` (or `make repro`) runs the study with
 from __future__ import annotations
 
 import argparse
+import io
+import re
 from pathlib import Path
 
+from ..core.files import atomic_write
 from .paths import PARAMS
 
 
@@ -100,15 +103,34 @@ def merge(base, override: dict):
     return base
 
 
+PROFILE_MARK = "# profile: {} (hiap_core.train.profiles); a profile applies to the default params.yaml\n"
+
+
+def applied_profile(text: str) -> str | None:
+    """The profile a params file was rewritten with (its first line's mark), None for the default."""
+    match = re.match(r"# profile: (\S+) \(hiap_core.train.profiles\)", text)
+    return match.group(1) if match else None
+
+
 def apply(name: str, params: Path = PARAMS) -> dict:
+    """Merge profile `name` into the params file and mark it so. A file that has another profile is refused: its
+    groups that `name` leaves alone (seeds, budgets, methods) would silently stay the other profile's."""
     from ruamel.yaml import YAML  # here: `PROFILES` is read on bare GPU machines too (measure/gpu_bench.py)
 
     if name not in PROFILES:
         raise SystemExit(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
+    text = params.read_text()
+    current = applied_profile(text)
+    if current not in (None, name):
+        raise SystemExit(
+            f"{params} has the {current!r} profile: a profile applies to the default params, or {current!r}'s seeds, "
+            f"budgets and methods would stay; restore the default (`git checkout {params}`), then apply {name!r}"
+        )
     yaml = YAML()  # round-trip: the comments of params.yaml survive
-    merged = merge(yaml.load(params.read_text()), PROFILES[name])
-    with params.open("w") as f:
-        yaml.dump(merged, f)
+    merged = merge(yaml.load(text), PROFILES[name])
+    body = io.StringIO()
+    yaml.dump(merged, body)
+    atomic_write(params, lambda p: p.write_text(("" if current else PROFILE_MARK.format(name)) + body.getvalue()))
     return merged
 
 

@@ -6,9 +6,11 @@ import json
 import math
 import shutil
 
+from ..core.cost import count_macs
 from ..core.files import atomic_write
-from .config import STAGE_GROUPS, TRANSPLANTS, config_from_params
+from .config import STAGE_GROUPS, TRANSPLANTS, ConfigError, config_from_params
 from .engine import Trainer
+from .models import load_model
 from .paths import REPORTS, RUNS
 
 REPORT_FILES = (
@@ -69,6 +71,20 @@ def run_metrics(name: str) -> dict:
     return json.loads((RUNS / name / "metrics.json").read_text())
 
 
+def landed_macs_fraction(name: str) -> float:
+    """The MACs fraction study run `name` landed on, as its hash-checked model file says, and refused when its
+    metrics.json says otherwise: a later stage cuts to this number, and an edited JSON must not move it."""
+    spec = load_model(RUNS / name, "match_run", "its HiAP stage").spec
+    fraction = count_macs(spec) / count_macs(spec.dense())
+    written = run_metrics(name)["macs_fraction"]
+    if abs(written - fraction) > 1e-12:
+        raise ConfigError(
+            f"{RUNS / name / 'metrics.json'} says macs_fraction {written:.6g}, its model {fraction:.6g}: the metrics were "
+            f"changed since the run wrote them; rerun its stage (`dvc repro --force` on it) or delete {RUNS / name}"
+        )
+    return fraction
+
+
 def recipe(params: dict, method: str, fraction: float | None = None) -> dict:
     """The fine-tune recipe ({lr, warmup}: peak rate, warmup as a fraction of the run's steps) the recipe grid
     picked for `method` (params.yaml `recipes`) at the tuned budget nearest the MACs `fraction` in log (the
@@ -124,7 +140,7 @@ def run_overrides(
     if match_run and method in TRANSPLANTS:
         overrides["structure"] = str(RUNS / match_run)
     elif match_run:
-        overrides["target_macs"] = run_metrics(match_run)["macs_fraction"]
+        overrides["target_macs"] = landed_macs_fraction(match_run)
     if target_latency is not None:
         overrides.update({"hiap.cost": "latency", "hiap.target_latency": float(target_latency)})
     if gate_forward:
@@ -136,7 +152,7 @@ def run_overrides(
     if method != "dense":
         fraction = overrides.get("target_macs") or target_latency
         if method in TRANSPLANTS:
-            fraction = run_metrics(match_run)["macs_fraction"]
+            fraction = landed_macs_fraction(match_run)
         picked = lr_warmup or recipe(params, method, fraction)
         epochs = overrides.get("optim.epochs", params[STAGE_GROUPS[method]]["epochs"])
         overrides.update({"optim.lr": float(picked["lr"]), "optim.warmup_epochs": float(picked["warmup"]) * epochs})
