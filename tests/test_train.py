@@ -304,6 +304,25 @@ def test_a_refused_run_leaves_no_empty_folder_and_a_killed_write_no_temporary(de
     assert (existing / "metrics.json").is_file()
 
 
+@pytest.mark.parametrize("damage", ["flipped bytes", "deleted"])
+def test_a_finished_run_whose_model_was_damaged_saves_it_again_from_its_checkpoint(dense_run, tmp_path, capsys, damage):
+    """Under `dvc repro` a damaged model was refused downstream while its own stage called the run "finished,
+    kept", so rerunning never repaired it: the final files come again from the checkpoint, the same bytes."""
+    cfg = tiny_cfg("uniform", tmp_path / "run", teacher=str(dense_run[0]), target_macs=0.6)
+    first = engine.train(cfg)
+    weights = tmp_path / "run" / "model" / "model.safetensors"
+    saved = weights.read_bytes()
+    if damage == "deleted":
+        weights.unlink()
+    else:
+        weights.write_bytes(saved[:-64] + bytes(64))
+    capsys.readouterr()
+    again = engine.Trainer(cfg, restart_on_config_change=True).run()
+    assert "finished, but" in capsys.readouterr().err and weights.read_bytes() == saved
+    assert {k: v for k, v in again.items() if k != "train_time_s"} == {k: v for k, v in first.items() if k != "train_time_s"}
+    hiap_core.load_pruned(tmp_path / "run" / "model")
+
+
 @needs_fashion
 def test_nan_loss_stops_with_a_clear_message_keeping_the_checkpoint(dense_run, tmp_path, monkeypatch):
     out = tmp_path / "fresh"  # created by the run: a failure after writing keeps it, lock file included

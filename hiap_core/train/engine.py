@@ -106,8 +106,12 @@ class Trainer:
         self._prepare()
         start = self._resume()
         if start == self.cfg.optim.epochs and self.folder.metrics_file.is_file():  # finished with this config and inputs
-            self._log(f"[{self.out.name}] finished with this config: {self.folder.metrics_file} kept")
-            return self.folder.finished_metrics()
+            damage = self.folder.saved_model_damage()
+            if damage is None:
+                self._log(f"[{self.out.name}] finished with this config: {self.folder.metrics_file} kept")
+                return self.folder.finished_metrics()
+            # the final files come from the last checkpoint alone (`_finish`): written again, they are the same bytes
+            self._log(f"[{self.out.name}] finished, but {damage}: saving its final files again from its checkpoint", warning=True)
         self.net = self.model
         if self.dist.world > 1:  # after the resume: DDP broadcasts rank 0's weights when it wraps the model
             device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..core.extract import structure_summary
 from ..core.files import LockHeld, atomic_write, exclusive_lock, file_sha256, remove_leftover_temporaries
-from ..core.pruned import save_pruned
+from ..core.errors import first_line
+from ..core.pruned import load_pruned, save_pruned
 from .config import TRANSPLANTS, ConfigError, RunConfig, read_by
 from .models import structure_file, teacher_fingerprint
 
@@ -175,6 +176,14 @@ class RunFolder:
             atomic_write(self.path / "gates.csv", lambda p: pd.DataFrame(gate_rows).to_csv(p, index=False))
         if budget_rows:
             atomic_write(self.path / "budget.csv", lambda p: pd.DataFrame(budget_rows).to_csv(p, index=False))
+
+    def saved_model_damage(self) -> str | None:
+        """Why the run's saved model does not load (missing, damaged or replaced since it was written), or None."""
+        try:
+            load_pruned(self.path / "model")
+        except (FileNotFoundError, ValueError) as err:
+            return first_line(err)
+        return None
 
     def finished_metrics(self) -> dict:
         return json.loads(self.metrics_file.read_text())
