@@ -811,6 +811,34 @@ def test_later_stages_read_a_hiap_runs_landing_and_units_from_its_hash_checked_m
         models.build_model(cfg, models.load_teacher(cfg))
 
 
+def test_a_params_edit_while_a_stage_trains_fails_that_stage_naming_the_fields(tmp_path, monkeypatch):
+    """control@0 trained 2 epochs while dvc.lock recorded `baselines.epochs: 3`, an edit made during the run (DVC
+    hashes params when the stage ends). An edit of a group the run does not read passes."""
+    import yaml
+
+    from hiap_core.train import runs
+
+    file = tmp_path / "params.yaml"
+    file.write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.setattr(runs, "PARAMS", file)
+    edits = []
+
+    def training(params, method, name, overrides, restart_changed):  # the edit lands while the run trains
+        edited = yaml.safe_load(file.read_text())
+        edits[-1](edited)
+        file.write_text(yaml.safe_dump(edited))
+        return {"test_acc": 0.5}
+
+    monkeypatch.setattr(runs, "study_run", training)
+    edits.append(lambda p: p["latency"].update(batch1_runs=7))
+    assert runs.stage_run("finetune", "control_s0", teacher="dense", seed=0) == {"test_acc": 0.5}
+    edits.append(lambda p: p["baselines"].update(epochs=p["baselines"]["epochs"] + 1))
+    with pytest.raises(
+        ConfigError, match=r"params.yaml changed while control_s0 trained \(optim.epochs\): it trained on the values before"
+    ):
+        runs.stage_run("finetune", "control_s0", teacher="dense", seed=0)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_the_gates_learning_rate_follows_its_own_schedule(dense_run, tmp_path, schedule):
     cfg = tiny_cfg("hiap", tmp_path / "run", teacher=str(dense_run[0]), **{"optim.gate_lr_schedule": schedule, "optim.epochs": 1})

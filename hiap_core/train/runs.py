@@ -8,10 +8,11 @@ import shutil
 
 from ..core.cost import count_macs
 from ..core.files import atomic_write
-from .config import STAGE_GROUPS, TRANSPLANTS, ConfigError, config_from_params
+from .config import STAGE_GROUPS, TRANSPLANTS, ConfigError, config_from_params, load_params
 from .engine import Trainer
 from .models import load_model
-from .paths import REPORTS, RUNS
+from .paths import PARAMS, REPORTS, RUNS
+from .run_folder import changed_fields
 
 REPORT_FILES = (
     ("metrics.json", "{}.json"),
@@ -40,6 +41,25 @@ def study_run(
     for source, target in REPORT_FILES if reports else ():
         if (RUNS / name / source).is_file():
             atomic_write(REPORTS / "metrics" / target.format(name), lambda p, s=source: shutil.copyfile(RUNS / name / s, p))
+    return metrics
+
+
+def stage_run(method: str, name: str, restart_changed: bool = True, **run_args) -> dict:
+    """One run as its DVC stage trains it (`01_train.ipynb`): `study_run` with the overrides `run_overrides` gives
+    for `run_args`, from params.yaml read twice. DVC records a stage's params when the stage ends, so an edit made
+    while the run trained would be recorded but never trained: a run whose config the file no longer gives fails
+    its stage in one line, and the next `dvc repro` trains it on the new values."""
+    params = load_params(PARAMS)
+    overrides = run_overrides(params, method, **run_args)
+    metrics = study_run(params, method, name, overrides, restart_changed)
+    now = load_params(PARAMS)
+    trained = config_from_params(params, method, overrides).to_dict()
+    changed = changed_fields(trained, config_from_params(now, method, run_overrides(now, method, **run_args)).to_dict())
+    if changed:
+        raise ConfigError(
+            f"{PARAMS.name} changed while {name} trained ({', '.join(changed)}): it trained on the values before the "
+            "edit, and DVC would record those after; run `dvc repro` again to train it on the new ones"
+        )
     return metrics
 
 
