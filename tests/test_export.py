@@ -63,3 +63,30 @@ def test_a_failed_onnx_check_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="differs from PyTorch by 0.5"):
         hiap_core.export_onnx(pruned_variant("cls_token"), tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_models_without_values_or_off_fp32_cpu_are_refused_in_one_line(tmp_path):
+    """A meta-device model, a bf16 ONNX export and map_location 'meta' or cpu:0 gave torch-internal or misleading
+    ("corrupt or mixed-up files") messages."""
+    pruned = hiap_core.extract(gated_copy(make_vit()))
+    folder = hiap_core.save_pruned(pruned, tmp_path / "m")
+    with torch.device("meta"):
+        empty = hiap_core.PrunedViT(pruned.spec)
+        gated = hiap_core.gate_vit(make_vit())
+    refusals = [
+        (lambda: hiap_core.save_pruned(empty, tmp_path / "e"), "save_pruned: the model's weights are on the meta device"),
+        (lambda: export.export_program(empty), "export: the model's weights are on the meta device"),
+        (lambda: hiap_core.extract(gated), "the gated model's structure: the model's weights are on the meta device"),
+        (lambda: hiap_core.count_macs(gated), "the gated model's structure: the model's weights are on the meta device"),
+        (lambda: export.export_onnx(pruned.to(torch.bfloat16), tmp_path / "b.onnx"), "takes an fp32 model on the CPU.*bfloat16"),
+        (lambda: hiap_core.load_pruned(folder, map_location="meta"), "holds no weights; load_spec reads the architecture"),
+    ]
+    for call, message in refusals:
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "b.onnx").exists()
+    loaded = hiap_core.load_pruned(folder, map_location=torch.device("cpu", 0))
+    assert loaded.spec == pruned.spec
+    program = export.export_program(pruned.to(torch.bfloat16))  # torch.export keeps the model's dtype
+    assert program.module()(torch.randn(3, 3, 16, 16, dtype=torch.bfloat16)).shape == (3, 5)

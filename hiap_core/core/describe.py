@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .gated_vit import GatedAttention, GatedMlp, check_vit
-from .pruned import PrunedViT
+from .pruned import PrunedViT, check_has_values
 from .spec import LayerSpec, ViTSpec, to_pair
 
 
@@ -14,6 +14,8 @@ def describe(model: nn.Module) -> ViTSpec:
     if isinstance(model, PrunedViT):
         return model.spec
     check_vit(model)
+    if any(isinstance(blk.attn, GatedAttention) or isinstance(blk.mlp, GatedMlp) for blk in model.blocks):
+        check_has_values(model, "the gated model's structure")  # the hardened structure is read from the gate logits' values
     first = model.blocks[0]
     num_heads, head_dim = first.attn.num_heads, first.attn.head_dim
     layers = []

@@ -12,21 +12,24 @@ import torch
 from torch import nn
 
 from .files import atomic_write
-from .pruned import PrunedViT
+from .pruned import PrunedViT, check_has_values
 
 ONNX_OPSET = 18
 INPUT, OUTPUT = "images", "logits"
 
 
 def _example(model: PrunedViT, batch_size: int = 2) -> torch.Tensor:
-    spec = model.spec
-    return torch.randn(batch_size, spec.in_chans, *spec.img_size)
+    """Random images of the model's input shape, on its device and in its dtype."""
+    spec, weight = model.spec, model.patch_embed.proj.weight
+    return torch.randn(batch_size, spec.in_chans, *spec.img_size, dtype=weight.dtype, device=weight.device)
 
 
 def export_program(model: PrunedViT) -> torch.export.ExportedProgram:
-    """`torch.export` of an extracted model (eval mode), with a dynamic batch dimension."""
+    """`torch.export` of an extracted model (eval mode, on its device and in its dtype), with a dynamic batch
+    dimension."""
     if not isinstance(model, PrunedViT):
         raise TypeError(f"export needs an extracted PrunedViT (hiap_core.extract or load_pruned), got {type(model).__name__}")
+    check_has_values(model, "export")
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         return torch.export.export(model.eval(), (_example(model),), dynamic_shapes=({0: batch},))
@@ -48,6 +51,12 @@ def onnx_runtime(model: PrunedViT, path: str | os.PathLike, threads: int | None 
 
 
 def _export(model: PrunedViT, path: str | os.PathLike, check: bool, atol: float) -> tuple[Path, float | None]:
+    weight = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "weight", None)
+    if weight is not None and not weight.is_meta and (weight.dtype != torch.float32 or weight.device.type != "cpu"):
+        raise ValueError(
+            f"ONNX export takes an fp32 model on the CPU, where onnxruntime checks the file against PyTorch; this one is "
+            f"{str(weight.dtype).removeprefix('torch.')} on {weight.device}: export model.float().cpu() (a copy)"
+        )
     program = export_program(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own progress chatter

@@ -236,10 +236,20 @@ def set_padded_attention(model: nn.Module, enabled: bool) -> None:
             module.pad_values = enabled
 
 
+def check_has_values(model: nn.Module, what: str) -> None:
+    """Refuse a model with weights on the meta device (shapes without values) before `what` reads them."""
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            f"{what}: the model's weights are on the meta device (shapes without values); give it weights first "
+            "(model.to_empty(device='cpu'), then load_state_dict)"
+        )
+
+
 def save_pruned(model: PrunedViT, path: str | os.PathLike) -> Path:
     """Write `path/model.safetensors` and `path/architecture.json` (each atomically); returns `path`."""
     if not isinstance(model, PrunedViT):
         raise TypeError(f"save_pruned expects a PrunedViT (from hiap_core.extract), got {type(model).__name__}")
+    check_has_values(model, "save_pruned")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -263,7 +273,9 @@ def _device(map_location: str | torch.device) -> torch.device:
         raise ValueError(f"map_location = {map_location!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"map_location = {map_location!r}: this machine has no CUDA device; load on 'cpu', then move the model")
-    return device
+    if device.type == "meta":
+        raise ValueError(f"map_location = {map_location!r} holds no weights; load_spec reads the architecture alone")
+    return torch.device("cpu") if device.type == "cpu" else device  # safetensors knows no 'cpu:0'
 
 
 def _recorded_spec_hash(weights: Path) -> str | None:
