@@ -221,6 +221,21 @@ def test_latency_cost_run_lands_on_a_latency_target(dense_run, tmp_path):
         engine.train(cfg)
 
 
+def test_an_unreadable_cost_table_is_one_error_naming_its_field_once(tmp_path):
+    """It read "invalid config: hiap.target_latency = 1.0: invalid config: hiap.cost_table = ...": two fields,
+    one of them fine."""
+    from hiap_core.train.pruning import check_budget
+
+    table = tmp_path / "cost_table.json"
+    table.write_text("{}")
+    latency = {"hiap.cost": "latency", "hiap.target_latency": 0.5, "hiap.cost_table": str(table)}
+    with pytest.raises(ConfigError) as err:
+        check_budget(tiny_cfg("hiap", tmp_path / "run", teacher="t", **latency))
+    message = str(err.value)
+    assert message.startswith("invalid config: hiap.cost_table = ") and message.count("invalid config") == 1
+    assert "target_latency" not in message and "\n" not in message
+
+
 def test_baselines_reach_targets_or_say_why():
     from conftest import cifar_vit_tiny
 

@@ -44,10 +44,11 @@ def check_budget(cfg: RunConfig) -> None:
     with torch.device("meta"):
         spec = describe(build_dense_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None))))
     h = cfg.hiap
+    costs = cost_model(cfg, spec) if cfg.method == "hiap" else None  # its own one-line error, naming its field
     try:
         if cfg.method == "hiap":
             quotas = Quotas.of(spec, h.min_heads, h.min_value_fraction, h.min_neuron_fraction)
-            target_fraction(target, spec, cost_model(cfg, spec), quotas, h.lambda_macro, h.lambda_micro)
+            target_fraction(target, spec, costs, quotas, h.lambda_macro, h.lambda_micro)
         else:
             baseline_cut(spec, cfg.method, target)
     except (InfeasibleBudget, ValueError) as err:
