@@ -16,7 +16,7 @@ def test_every_length_trains_hiap_then_its_baselines_at_equal_compute(monkeypatc
         return {}
 
     monkeypatch.setattr(schedule, "study_run", fake_run)
-    monkeypatch.setattr("hiap_core.train.runs.run_metrics", lambda name: {"macs_fraction": 0.33})
+    monkeypatch.setattr("hiap_core.train.runs.landed_macs_fraction", lambda name: 0.33)
     params = read_params()
     plan = params["schedule"]
     names = schedule.train_schedule(params)

@@ -102,7 +102,7 @@ def test_the_grid_tunes_every_method_the_same_way_and_picks_on_validation(monkey
         return {"macs_fraction": 0.5, "val_acc": 0.9 + val, "test_acc": 0.9 - val}  # test would pick the other way
 
     monkeypatch.setattr(recipe_grid, "study_run", fake_run)
-    monkeypatch.setattr("hiap_core.train.runs.run_metrics", lambda name: {"macs_fraction": 0.5})
+    monkeypatch.setattr("hiap_core.train.runs.landed_macs_fraction", lambda name: 0.5)
     params = read_params()
     params["recipe_grid"] = {"lr": [3e-5, 2e-4, 1e-3], "warmup": 0.1, "budgets": ["moderate", "harsh"], "seed": 0}
     table = recipe_grid.run_grid(params)
