@@ -24,3 +24,26 @@ def test_each_command_trains_the_study_run_of_its_budget_and_seed(tmp_path: Path
             params, "hiap", {"out": out, **run_overrides(params, "hiap", teacher="dense", budget=budget, seed=seed)}
         )
         assert from_cli == study
+
+
+def test_the_thread_spread_compares_each_run_with_itself_at_the_other_thread_count(tmp_path: Path):
+    import json
+
+    import hiap_core
+    from conftest import gated_copy, make_vit
+    from hiap_core.measure.fanout_threads import outcome, thread_spread
+
+    run = tmp_path / "run"
+    hiap_core.save_pruned(hiap_core.extract(gated_copy(make_vit())), run / "model")
+    (run / "metrics.json").write_text(json.dumps({"test_acc": 0.8512, "val_acc": 0.86, "macs_fraction": 0.2}))
+    same = outcome(run)
+    other_bits = {**same, "weights_sha256": "0" * 64, "test_acc": 0.8531, "macs_fraction": 0.20004}
+    spread = thread_spread([same, same], [same, other_bits])
+    assert spread == {
+        "identical_weights": 1,
+        "identical_architecture": 2,
+        "runs": 2,
+        "max_abs_test_acc_diff_pts": 0.19,
+        "max_abs_val_acc_diff_pts": 0.0,
+        "max_abs_macs_fraction_diff": 0.00004,
+    }

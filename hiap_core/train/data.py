@@ -434,6 +434,8 @@ def build_loaders(
 
 
 LOGITS_FILE = "logits.safetensors"  # hiap_core.train.teacher_logits writes it
+# the stage tracks no code (tests/test_dvc.py: COMMITTED_OUTPUT_STAGES), so a cache of an older format needs --force
+REMAKE_LOGITS = "remake it: `dvc repro --force --single-item teacher_logits`"
 
 
 def images_fingerprint(images: torch.Tensor) -> str:
@@ -461,16 +463,14 @@ def load_teacher_logits(cfg, teacher_sha256: str) -> torch.Tensor:
         with safe_open(str(path), "pt") as f:
             metadata, logits = f.metadata() or {}, f.get_tensor("logits")
     except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
-        raise ConfigError(
-            f"{where}: {path} is not a readable logits cache (corrupt or truncated); remake it (the teacher_logits stage)"
-        ) from err
+        raise ConfigError(f"{where}: {path} is not a readable logits cache (corrupt or truncated); {REMAKE_LOGITS}") from err
     if metadata.get("logits_sha256") != logits_fingerprint(logits):
         why = (
             "records no sha256 of its values (an older cache)"
             if "logits_sha256" not in metadata
             else "holds other values than it was written with"
         )
-        raise ConfigError(f"{where}: {path} {why}; remake it (the teacher_logits stage)")
+        raise ConfigError(f"{where}: {path} {why}; {REMAKE_LOGITS}")
     if metadata.get("teacher_sha256") != teacher_sha256:
         raise ConfigError(f"{where}: made from another teacher's weights; remake it (the teacher_logits stage)")
     if metadata.get("images_sha256") != images_fingerprint(load_split(cfg.data, "train").images):
