@@ -43,8 +43,8 @@ repro: venv data
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 # The stale training stages WORKERS at a time through submitit (hiap_core/fanout.py; THREADS per run, GPUS="0 1"
-# for one run per GPU), then `dvc repro` for the rest. On 2 cores it gains nothing over `make repro`: 2 runs x 1
-# thread against 1 x 2 threads, 1.03x (reports/benchmarks/fanout_threads.json).
+# for one run per GPU), then `dvc repro` for the rest. On 2 cores it gains little over `make repro`: 2 runs x 1
+# thread against 1 x 2 threads, 1.08x (1.03x before; reports/benchmarks/fanout_threads.json).
 WORKERS ?= 2
 fanout: venv data
 	$(PY) -m hiap_core.train.params params.yaml
