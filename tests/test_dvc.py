@@ -69,6 +69,13 @@ def test_every_module_a_stage_imports_is_covered_by_its_deps():
             assert any(path == d or path.startswith(d + "/") for d in deps), f"stage {name} runs {path}, not in its deps"
 
 
+def test_the_committed_teacher_is_up_to_date_for_dvc():
+    """The dense stage has no checkpoint in git: if its command or notebook changes without `dvc commit dense`,
+    `make repro` retrains the teacher from scratch (40 min) and every run below it (a new stage runner did)."""
+    status = subprocess.run([DVC, "status", "--json", "dense"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout) == {}, f"dense is stale: {status.stdout}; if the teacher is unchanged, `dvc commit dense`"
+
+
 def test_a_fresh_clone_has_every_file_of_the_teacher_the_stages_read():
     """Only the dense stage's outputs of `data/runs/` are in git, and they are all a fresh clone's stages
     read of the teacher: the report reads its metrics and history (`run_metrics("dense")`), not only its model
