@@ -76,6 +76,7 @@ def test_models_without_values_or_off_fp32_cpu_are_refused_in_one_line(tmp_path)
     refusals = [
         (lambda: hiap_core.save_pruned(empty, tmp_path / "e"), "save_pruned: the model's weights are on the meta device"),
         (lambda: export.export_program(empty), "export: the model's weights are on the meta device"),
+        (lambda: export.export_onnx(empty, tmp_path / "e.onnx"), "ONNX export: the model's weights are on the meta device"),
         (lambda: hiap_core.extract(gated), "the gated model's structure: the model's weights are on the meta device"),
         (lambda: hiap_core.count_macs(gated), "the gated model's structure: the model's weights are on the meta device"),
         (lambda: export.export_onnx(pruned.to(torch.bfloat16), tmp_path / "b.onnx"), "takes an fp32 model on the CPU.*bfloat16"),

@@ -147,3 +147,9 @@ def test_the_primary_family_is_what_params_declare():
     assert sorted(primary["versus"]) == sorted(labels[m] for m in declared)
     assert (primary["reference"] == labels["hiap"]).all() and len(primary) == len(declared)
     assert list(primary["p_holm"]) == pytest.approx(stats.holm(list(primary["p"])))
+
+
+def test_the_committed_teacher_states_its_steps_from_its_history():
+    """Its metrics.json predates `total_steps`: the report stage failed on it (KeyError) until the history counted."""
+    runs = stats.seed_runs({("Dense", "-", 0): "dense"})
+    assert runs.loc[0, "total_steps"] == 12 * 429  # 12 epochs of 429 steps (data/runs/dense/history.csv)

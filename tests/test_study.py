@@ -220,7 +220,7 @@ def test_a_teacher_logits_cache_vouches_for_itself_on_read(tmp_path):
     folder.mkdir()
     path = folder / data.LOGITS_FILE
     cfg = config_from_params(TINY, "finetune", {"teacher": str(tmp_path / "dense"), "teacher_logits": str(folder)})
-    metadata = {"teacher_sha256": "t", "images_sha256": "i", "logits_sha256": data.logits_fingerprint(logits)}
+    metadata = {"teacher_sha256": "t", "images_sha256": "i", "logits_sha256": data.tensor_sha256(logits)}
     flipped = logits.clone()
     flipped[3, 4] = -flipped[3, 4]
     cases = [

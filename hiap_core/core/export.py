@@ -24,12 +24,16 @@ def _example(model: PrunedViT, batch_size: int = 2) -> torch.Tensor:
     return torch.randn(batch_size, spec.in_chans, *spec.img_size, dtype=weight.dtype, device=weight.device)
 
 
+def _check_extracted(model: PrunedViT, what: str) -> None:
+    if not isinstance(model, PrunedViT):
+        raise TypeError(f"{what} needs an extracted PrunedViT (hiap_core.extract or load_pruned), got {type(model).__name__}")
+    check_has_values(model, what)
+
+
 def export_program(model: PrunedViT) -> torch.export.ExportedProgram:
     """`torch.export` of an extracted model (eval mode, on its device and in its dtype), with a dynamic batch
     dimension."""
-    if not isinstance(model, PrunedViT):
-        raise TypeError(f"export needs an extracted PrunedViT (hiap_core.extract or load_pruned), got {type(model).__name__}")
-    check_has_values(model, "export")
+    _check_extracted(model, "export")
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
         return torch.export.export(model.eval(), (_example(model),), dynamic_shapes=({0: batch},))
@@ -51,8 +55,9 @@ def onnx_runtime(model: PrunedViT, path: str | os.PathLike, threads: int | None 
 
 
 def _export(model: PrunedViT, path: str | os.PathLike, check: bool, atol: float) -> tuple[Path, float | None]:
-    weight = getattr(getattr(getattr(model, "patch_embed", None), "proj", None), "weight", None)
-    if weight is not None and not weight.is_meta and (weight.dtype != torch.float32 or weight.device.type != "cpu"):
+    _check_extracted(model, "ONNX export")
+    weight = model.patch_embed.proj.weight
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
         raise ValueError(
             f"ONNX export takes an fp32 model on the CPU, where onnxruntime checks the file against PyTorch; this one is "
             f"{str(weight.dtype).removeprefix('torch.')} on {weight.device}: export model.float().cpu() (a copy)"

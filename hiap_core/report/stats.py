@@ -12,7 +12,7 @@ import math
 import pandas as pd
 from scipy import stats
 
-from ..train.runs import run_metrics
+from ..train.runs import RUNS, run_metrics
 
 
 def seed_runs(names: dict[tuple[str, str, int], str]) -> pd.DataFrame:
@@ -31,11 +31,20 @@ def seed_runs(names: dict[tuple[str, str, int], str]) -> pd.DataFrame:
                 "reduction_pct": m["reduction_pct"],
                 "params_M": m["params"] / 1e6,
                 "acc": 100 * m["test_acc"],
-                "total_steps": m["total_steps"],  # search included
+                "total_steps": m["total_steps"] if "total_steps" in m else history_steps(name),  # search included
                 "settled_fraction": m.get("structure", {}).get("settled_fraction"),
             }
         )
     return pd.DataFrame(rows)
+
+
+def history_steps(name: str) -> int:
+    """The optimizer steps run `name` trained, from its history.csv: the committed teacher's metrics.json
+    predates `total_steps` (it searched nothing, so its steps are all its training)."""
+    path = RUNS / name / "history.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{RUNS / name / 'metrics.json'} has no total_steps and {path} is missing: rerun its stage")
+    return int(pd.read_csv(path)["steps_per_epoch"].sum())
 
 
 def seed_table(runs: pd.DataFrame) -> pd.DataFrame:

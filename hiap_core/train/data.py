@@ -438,13 +438,10 @@ LOGITS_FILE = "logits.safetensors"  # hiap_core.train.teacher_logits writes it
 REMAKE_LOGITS = "remake it: `dvc repro --force --single-item teacher_logits`"
 
 
-def images_fingerprint(images: torch.Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-
-
-def logits_fingerprint(logits: torch.Tensor) -> str:
-    """sha256 of the cached logits' values, kept in the cache's metadata: the file vouches for itself on read."""
-    return hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()
+def tensor_sha256(values: torch.Tensor) -> str:
+    """sha256 of a CPU tensor's values: the logits cache records its own and its training images' (the file
+    vouches for itself on read, and for the images it was made from)."""
+    return hashlib.sha256(values.contiguous().numpy().tobytes()).hexdigest()
 
 
 def load_teacher_logits(cfg, teacher_sha256: str) -> torch.Tensor:
@@ -464,7 +461,7 @@ def load_teacher_logits(cfg, teacher_sha256: str) -> torch.Tensor:
             metadata, logits = f.metadata() or {}, f.get_tensor("logits")
     except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
         raise ConfigError(f"{where}: {path} is not a readable logits cache (corrupt or truncated); {REMAKE_LOGITS}") from err
-    if metadata.get("logits_sha256") != logits_fingerprint(logits):
+    if metadata.get("logits_sha256") != tensor_sha256(logits):
         why = (
             "records no sha256 of its values (an older cache)"
             if "logits_sha256" not in metadata
@@ -473,6 +470,6 @@ def load_teacher_logits(cfg, teacher_sha256: str) -> torch.Tensor:
         raise ConfigError(f"{where}: {path} {why}; {REMAKE_LOGITS}")
     if metadata.get("teacher_sha256") != teacher_sha256:
         raise ConfigError(f"{where}: made from another teacher's weights; remake it (the teacher_logits stage)")
-    if metadata.get("images_sha256") != images_fingerprint(load_split(cfg.data, "train").images):
+    if metadata.get("images_sha256") != tensor_sha256(load_split(cfg.data, "train").images):
         raise ConfigError(f"{where}: made from other training images; remake it (the teacher_logits stage)")
     return logits

@@ -17,7 +17,7 @@ from safetensors.torch import save
 
 from ..core.files import atomic_write
 from .config import ConfigError, RunConfig, cli, config_from_params
-from .data import LOGITS_FILE, NORMALIZATION, images_fingerprint, load_split, logits_fingerprint
+from .data import LOGITS_FILE, NORMALIZATION, load_split, tensor_sha256
 from .device import autocast, autocast_dtype
 from .models import load_teacher, teacher_fingerprint
 from .run_folder import check_writable
@@ -44,8 +44,8 @@ def compute(cfg: RunConfig, out: Path) -> Path:
                 logits[2 * start + flipped : 2 * (start + len(view)) : 2] = teacher(view.to(device)).float().cpu()
     metadata = {
         "teacher_sha256": teacher_fingerprint(cfg),
-        "images_sha256": images_fingerprint(pool.images),
-        "logits_sha256": logits_fingerprint(logits),
+        "images_sha256": tensor_sha256(pool.images),
+        "logits_sha256": tensor_sha256(logits),
     }
     out.mkdir(parents=True, exist_ok=True)
     return atomic_write(out / LOGITS_FILE, lambda p: p.write_bytes(save({"logits": logits}, metadata)))
