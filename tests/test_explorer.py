@@ -117,3 +117,19 @@ def test_the_explorer_sets_its_output_and_never_captures_into_it(runs, monkeypat
     box = explorer.explore("hiap_x", "uniform_x")
     box.children[0].children[2].value = 5
     assert box.draws == 2 and len(box.children[1].outputs) == 4
+
+
+def test_a_fresh_clone_opens_every_committed_study_run(tmp_path, monkeypatch):
+    """The committed study, as a fresh clone has it (no run folder but the teacher's): every run the study
+    commits is listed and loads, and its architecture costs the MACs its metrics state."""
+    folders = tmp_path / "runs"
+    folders.mkdir()
+    shutil.copytree(explorer.RUNS / "dense", folders / "dense")
+    monkeypatch.setattr(explorer, "RUNS", folders)
+    committed = {p.name.removesuffix("_architecture.json") for p in explorer.COMMITTED.glob("*_architecture.json")}
+    assert len(committed) > 100  # every training stage of dvc.yaml writes one
+    assert set(explorer.run_names()) == committed | {"dense"}
+    for name in sorted(committed):
+        run = explorer.load_run(name)
+        assert hiap_core.count_macs(run.spec) == run.metrics["macs"], name
+        assert run.total_steps > 0 and len(run.gates) > 0, name
