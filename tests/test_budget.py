@@ -56,6 +56,24 @@ def test_projected_cost_is_the_hardened_cost_of_the_logits_carried_on():
     assert projected == hiap_core.count_macs(gated) / dense
 
 
+@given(steps_back=st.integers(1, 6), steps_left=st.integers(0, 40), seed=st.integers(0, 2**16))
+def test_a_projection_over_several_steps_carries_each_logit_at_its_mean_velocity(steps_back, steps_left, seed):
+    """`budget_velocity_steps`: the logits `steps_back` steps ago and now give the mean velocity, which
+    projects as a one-step velocity of that size does (1: the last step's, the default)."""
+    gated = gated_copy(make_vit(depth=2, num_heads=3, embed_dim=24))
+    costs = hiap_core.unit_costs(hiap_core.describe(gated))
+    dense = hiap_core.count_macs(hiap_core.describe(gated).dense())
+    generator = torch.Generator().manual_seed(seed)
+    velocity = [torch.randn(g.logits.shape, generator=generator) for g in gates(gated)]
+    now = [g.logits.detach().clone() for g in gates(gated)]
+    past = [n - steps_back * v for n, v in zip(now, velocity)]
+    projected = projected_fraction(gated, costs, dense, past, steps_left, steps_back)
+    with torch.no_grad():
+        for gate, n, v in zip(gates(gated), now, velocity):
+            gate.logits.copy_(n + (steps_left / steps_back) * (steps_back * v))
+    assert projected == hiap_core.count_macs(gated) / dense
+
+
 def test_integral_does_not_wind_up_while_the_cost_keeps_pace():
     """Over budget but falling by more than PACE of its gap per step: no more push; stuck: push."""
     falling = BudgetController(target=0.5, lr=0.1, gain=0.0)
@@ -249,6 +267,8 @@ def test_impossible_targets_are_refused_before_training(overrides, match, tmp_pa
         ({"hiap.target_latency": 0.5}, "hiap.target_latency"),
         ({"hiap.cost": "latency", "hiap.cost_table": "t.json", "target_macs": 0.5}, "target_macs"),
         ({"hiap.budget_deadline": 0.0}, "hiap.budget_deadline"),
+        ({"hiap.budget_velocity_steps": 0}, "hiap.budget_velocity_steps"),
+        ({"hiap.budget_velocity_steps": 1.5}, "hiap.budget_velocity_steps"),
         ({"hiap.budget_gain": -1.0}, "hiap.budget_gain"),
         ({"hiap.budget_tolerance": 0.2}, "hiap.budget_tolerance"),
     ],

@@ -122,6 +122,7 @@ def test_gate_settings_set_on_a_run_that_trains_no_gates_are_refused():
         ("uniform", "hiap.lambda_macro=9"),
         ("dense", "optim.gate_lr=0.5"),
         ("transplant", "hiap.init_logit=1"),
+        ("uniform", "optim.macro_gate_lr_scale=0.5"),
     ]:
         message = one_line_error(PARAMS, method, ["teacher=t", "structure=s", override])
         assert f"{override.partition('=')[0]} set on a {method} run, which trains no gates" in message

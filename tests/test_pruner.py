@@ -1,5 +1,6 @@
 """`hiap_core.Pruner`: HiAP added to a plain PyTorch loop in about ten lines."""
 
+import copy
 import inspect
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import yaml
 from conftest import make_vit, needs_cuda
 
 import hiap_core
-from hiap_core.core.gated_vit import GateConfig
+from hiap_core.core.budget import projected_fraction
+from hiap_core.core.gated_vit import GateConfig, gated_blocks, gates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +90,7 @@ def test_pruner_defaults_are_the_params_yaml_hiap_group():
     defaults = {n: p.default for n, p in inspect.signature(hiap_core.Pruner).parameters.items() if p.default is not p.empty}
     defaults["init_logit"] = GateConfig().init_logit  # None: the gates' own default
     shared = {n: v for n, v in defaults.items() if n in hiap}
-    assert len(shared) == 16  # every setting but `costs` and `target` (hiap.target_macs / target_latency)
+    assert len(shared) == 17  # every setting but `costs` and `target` (hiap.target_macs / target_latency)
     assert shared == {n: hiap[n] for n in shared}
 
 
@@ -180,3 +182,62 @@ def test_init_logit_on_a_model_gated_already_is_refused_not_ignored():
     assert all(float(g.logits.min()) == 3.0 for g in hiap_core.core.gated_vit.gates(pruner.model))
     fresh = hiap_core.Pruner(make_vit(), total_steps=10, init_logit=1.0)
     assert all(float(g.logits.max()) == 1.0 for g in hiap_core.core.gated_vit.gates(fresh.model))
+
+
+def test_the_projection_reads_the_logits_of_budget_velocity_steps_ago_and_resumes_with_them():
+    """With `budget_velocity_steps` 3 the controller projects each step from the logits 3 steps back (fewer at
+    the start); a pruner restored from `state_dict` mid-search continues with the same window."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))) for _ in range(16)]
+
+    def search(pruner, optimizer, steps, snapshots):
+        for step in steps:
+            x, y = batches[step]
+            torch.manual_seed(step)  # the gate noise of the step, as the engine seeds it: the same after a resume
+            pruner.set_step(step)
+            loss = pruner.loss(F.cross_entropy(pruner.model(x), y))["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            back = min(3, step + 1)
+            row = pruner.after_step(step)
+            ahead = pruner.budget.steps_to_deadline(step + 1, pruner.search_steps)
+            expected = projected_fraction(pruner.model, pruner.costs, pruner.dense_cost, snapshots[-back], ahead, back)
+            assert row["projected_fraction"] == (expected if ahead else row["cost_fraction"])
+            snapshots.append([g.logits.detach().clone() for g in gates(pruner.model)])
+
+    def made():
+        model = make_vit(seed=1).train()
+        pruner = hiap_core.Pruner(model, total_steps=32, target=0.6, init_logit=1.0, budget_velocity_steps=3)
+        return pruner, torch.optim.AdamW(pruner.param_groups(lr=1e-3, weight_decay=0.05, gate_lr=0.2))
+
+    pruner, optimizer = made()
+    snapshots = [[g.logits.detach().clone() for g in gates(pruner.model)]]
+    search(pruner, optimizer, range(8), snapshots)
+    state = copy.deepcopy((pruner.model.state_dict(), optimizer.state_dict(), pruner.state_dict()))  # a checkpoint
+    search(pruner, optimizer, range(8, 16), snapshots)
+    resumed, resumed_optimizer = made()
+    resumed.model.load_state_dict(state[0])
+    resumed_optimizer.load_state_dict(state[1])
+    resumed.load_state_dict(state[2])
+    search(resumed, resumed_optimizer, range(8, 16), snapshots[:9])
+    assert resumed.budget_rows == pruner.budget_rows
+    with pytest.raises(ValueError, match="budget_velocity_steps must be an integer >= 1"):
+        hiap_core.Pruner(make_vit(), total_steps=10, budget_velocity_steps=0)
+
+
+def test_slower_macro_gates_take_their_own_group_at_the_scaled_rate():
+    """`macro_gate_lr_scale`: the head and FFN-block gates in a second gate group at scale x gate_lr; at 1 one
+    gate group, as before the lever existed."""
+    pruner = hiap_core.Pruner(make_vit(), total_steps=10)
+    one = pruner.param_groups(lr=1e-3, weight_decay=0.05, gate_lr=0.2)
+    assert [g.get("gates", False) for g in one] == [False, False, True] and one[2]["lr"] == 0.2
+    two = pruner.param_groups(lr=1e-3, weight_decay=0.05, gate_lr=0.2, macro_gate_lr_scale=0.5)
+    micro, macro = two[2], two[3]
+    assert micro["gates"] and macro["gates"] and (micro["lr"], macro["lr"]) == (0.2, 0.1)
+    blocks = gated_blocks(pruner.model)
+    assert {id(p) for p in macro["params"]} == {id(g.logits) for a, m in blocks for g in (a.head_gate, m.block_gate)}
+    assert len(micro["params"]) + len(macro["params"]) == len(one[2]["params"])
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="macro_gate_lr_scale must be a finite number > 0"):
+            pruner.param_groups(lr=1e-3, weight_decay=0.05, gate_lr=0.2, macro_gate_lr_scale=bad)

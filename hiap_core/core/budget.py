@@ -17,7 +17,8 @@ steered the expected cost along a cubic ramp, gain 20): the scale climbed to 474
 Which cost: the hardened cost (what is extracted) lags the scale by the tens of steps a logit needs to
 cross 0 (`init_logit / gate_lr`), and the expected cost (gate probabilities) is not the extracted one
 until the gates polarise. The controller steers the *projected* cost: the hardened cost of the logits
-carried forward at their last step's velocity to the `deadline` (a fraction of the search), after it
+carried forward at their velocity (over the last step, or the mean over `budget_velocity_steps`) to the
+`deadline` (a fraction of the search), after it
 the hardened cost itself (`projected_fraction`). It reacts at once (the velocities turn with the
 scale), it measures what will be extracted, and the steps after the deadline hold the structure at the
 target while the temperature anneals and the gates polarise. The scale needed is then the one under
@@ -98,13 +99,14 @@ def budget_step(
     dense_cost: float,
     steps_done: int,
     search_steps: int,
-    last_logits: list[torch.Tensor],
+    past_logits: list[torch.Tensor],
+    steps_back: int = 1,
 ) -> dict:
-    """One controller step after optimizer step `steps_done` of the search (`last_logits`: the gates'
-    logits before it): returns the trajectory row (costs as fractions of dense)."""
+    """One controller step after optimizer step `steps_done` of the search (`past_logits`: the gates' logits
+    `steps_back` steps before it): returns the trajectory row (costs as fractions of dense)."""
     hardened = spec_cost(describe(gated), costs) / dense_cost
     ahead = controller.steps_to_deadline(steps_done, search_steps)
-    projected = projected_fraction(gated, costs, dense_cost, last_logits, ahead) if ahead else hardened
+    projected = projected_fraction(gated, costs, dense_cost, past_logits, ahead, steps_back) if ahead else hardened
     scale = controller.update(projected)
     return {
         "progress": steps_done / search_steps,
@@ -123,13 +125,15 @@ def expected_fraction(gated: nn.Module, costs: UnitCosts, dense_cost: float) -> 
 
 
 @torch.no_grad()
-def projected_fraction(gated: nn.Module, costs: UnitCosts, dense_cost: float, last_logits: list, steps_left: int) -> float:
-    """The hardened cost (fraction of dense) of every logit carried `steps_left` steps on at the velocity of its
-    last step (`last_logits`: the logits before it, in `gates(gated)` order)."""
+def projected_fraction(
+    gated: nn.Module, costs: UnitCosts, dense_cost: float, past_logits: list, steps_left: int, steps_back: int = 1
+) -> float:
+    """The hardened cost (fraction of dense) of every logit carried `steps_left` steps on at its mean velocity
+    over the last `steps_back` steps (`past_logits`: the logits then, in `gates(gated)` order)."""
     now = [gate.logits.detach().clone() for gate in gates(gated)]
     try:
-        for gate, logits, before in zip(gates(gated), now, last_logits):
-            gate.logits.data.add_(steps_left * (logits - before))
+        for gate, logits, before in zip(gates(gated), now, past_logits):
+            gate.logits.data.add_((steps_left / steps_back) * (logits - before))
         return spec_cost(describe(gated), costs) / dense_cost
     finally:
         for gate, logits in zip(gates(gated), now):

@@ -241,6 +241,11 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [g.logits for g in gates(model)]
 
 
+def macro_gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The macro gates' logits: each layer's head gate and FFN block gate."""
+    return [gate.logits for attn, mlp in gated_blocks(model) for gate in (attn.head_gate, mlp.block_gate)]
+
+
 @torch.no_grad()
 def set_gate_state(model: nn.Module, state: list[dict], magnitude: float = 10.0) -> None:
     """Set logits to +-magnitude so the hardened state equals `state`.

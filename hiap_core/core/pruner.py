@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import deque
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from .gated_vit import (
     gated_blocks,
     gates,
     is_gated,
+    macro_gate_parameters,
     set_gate_forward,
     set_temperature,
 )
@@ -42,9 +44,14 @@ from .quotas import Quotas, quota_shortfalls, restore_quotas
 from .pruned import PrunedViT
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr: float | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, gate_lr: float | None = None, macro_gate_lr_scale: float = 1.0
+) -> list[dict]:
     """Optimizer groups: weight decay on matrices only (not norms, biases, embeddings or tokens); gate
-    logits in their own group (`"gates": True`) at `gate_lr` without decay."""
+    logits in their own group (`"gates": True`) at `gate_lr` without decay, the macro gates' (heads, FFN
+    blocks) in a second one at `macro_gate_lr_scale * gate_lr` when that scale is not 1."""
+    if not (_finite_number(macro_gate_lr_scale) and macro_gate_lr_scale > 0):
+        raise ValueError(f"macro_gate_lr_scale must be a finite number > 0, got {macro_gate_lr_scale!r}")
     gates = {id(p) for p in gate_parameters(model)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -56,7 +63,12 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, gate_lr: floa
     if gates:
         if gate_lr is None:
             raise ValueError("the model is gated: param_groups needs gate_lr, the learning rate of the gate logits")
-        groups.append({"params": gate_parameters(model), "weight_decay": 0.0, "lr": gate_lr, "gates": True})
+        macro = {id(p) for p in macro_gate_parameters(model)} if macro_gate_lr_scale != 1 else set()
+        micro = [p for p in gate_parameters(model) if id(p) not in macro]
+        groups.append({"params": micro, "weight_decay": 0.0, "lr": gate_lr, "gates": True})
+        if macro:
+            macro_params = [p for p in gate_parameters(model) if id(p) in macro]
+            groups.append({"params": macro_params, "weight_decay": 0.0, "lr": macro_gate_lr_scale * gate_lr, "gates": True})
     return groups
 
 
@@ -75,10 +87,12 @@ def _check_numbers(weights: dict, minimums: dict, schedule: dict) -> None:
             raise ValueError(f"{name} must be {'> 0 (every gate starts open)' if name == 'init_logit' else '>= 0'}, got {value}")
 
 
-def _check_schedule(total_steps, search_fraction, gate_forward) -> None:
+def _check_schedule(total_steps, search_fraction, gate_forward, velocity_steps) -> None:
     """The step counts and the gate forward, before the model is touched."""
     if int(total_steps) != total_steps or total_steps < 1:
         raise ValueError(f"total_steps must be an integer >= 1, got {total_steps}")
+    if isinstance(velocity_steps, bool) or int(velocity_steps) != velocity_steps or velocity_steps < 1:
+        raise ValueError(f"budget_velocity_steps must be an integer >= 1, got {velocity_steps!r}")
     if not 0 < search_fraction <= 1:
         raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
     if gate_forward not in GATE_FORWARDS:
@@ -140,6 +154,7 @@ class Pruner:
         budget_lr: float = 0.1,
         budget_gain: float = 2.0,
         budget_deadline: float = 0.7,
+        budget_velocity_steps: int = 1,
         budget_tolerance: float = 0.005,
         search_fraction: float = 0.5,
         gate_forward: str = "hard",
@@ -151,7 +166,7 @@ class Pruner:
             {"min_heads": min_heads, "min_value_fraction": min_value_fraction, "min_neuron_fraction": min_neuron_fraction},
             {"total_steps": total_steps, "tau0": tau0, "tau_min": tau_min},
         )
-        _check_schedule(total_steps, search_fraction, gate_forward)
+        _check_schedule(total_steps, search_fraction, gate_forward, budget_velocity_steps)
         self.total_steps = int(total_steps)
         self.search_steps = max(1, round(search_fraction * self.total_steps))  # the gates freeze after these
         temperature_at(0, self.search_steps, tau0, tau_min)  # checks the schedule before any work
@@ -178,7 +193,8 @@ class Pruner:
         self.tau = tau0
         self.settled_step, self._structure = 0, self._hard_structure()
         self.closed_at = torch.where(self._structure, -1, 0)  # the step each unit last closed at; -1: open
-        self._last_logits = self._logits()  # the budget controller projects the logits' velocity
+        # the budget controller projects the logits' mean velocity over the last `budget_velocity_steps` steps
+        self._past_logits = deque([self._logits()], maxlen=int(budget_velocity_steps))
         self._frozen_penalties = None
 
     def _logits(self) -> list[torch.Tensor]:
@@ -197,8 +213,8 @@ class Pruner:
         """The factor on both lambdas: adapted in budget-exact mode, 1 in lambda mode."""
         return self.budget.scale if self.budget is not None else 1.0
 
-    def param_groups(self, lr: float, weight_decay: float, gate_lr: float) -> list[dict]:
-        return param_groups(self.model, lr, weight_decay, gate_lr)
+    def param_groups(self, lr: float, weight_decay: float, gate_lr: float, macro_gate_lr_scale: float = 1.0) -> list[dict]:
+        return param_groups(self.model, lr, weight_decay, gate_lr, macro_gate_lr_scale)
 
     def set_step(self, step: int) -> float:
         """Set the gate temperature of optimizer step `step` (0-based) and, once the search is over, round
@@ -268,8 +284,9 @@ class Pruner:
         self._note_structure(step + 1)
         if self.budget is None:
             return None
-        row = budget_step(self.budget, self.model, self.costs, self.dense_cost, step + 1, self.search_steps, self._last_logits)
-        self._last_logits = self._logits()
+        past = self._past_logits
+        row = budget_step(self.budget, self.model, self.costs, self.dense_cost, step + 1, self.search_steps, past[0], len(past))
+        past.append(self._logits())
         scale = row["penalty_scale"]
         row = {"step": step + 1, **row, "lambda_macro": scale * self.lambda_macro, "lambda_micro": scale * self.lambda_micro}
         self.budget_rows.append(row)
@@ -314,7 +331,7 @@ class Pruner:
         rounding done at the end of the search and when the structure last changed."""
         state = {"settled_step": self.settled_step, "rounding": dict(self.rounding), "closed_at": self.closed_at.clone()}
         state["quota_units_restored"], state["at_freeze"] = self.quota_units_restored, dict(self.at_freeze)
-        state["last_logits"] = self._last_logits
+        state["past_logits"] = list(self._past_logits)
         if self.budget is not None:
             state.update(budget=self.budget.state_dict(), budget_rows=list(self.budget_rows))
         return state
@@ -329,7 +346,15 @@ class Pruner:
                 "structure may break them. Delete it (or its run folder) to retrain the run"
             )
         self.quota_units_restored, self.at_freeze = state["quota_units_restored"], dict(state["at_freeze"])
-        self._last_logits = [logits.to(gate.logits.device) for logits, gate in zip(state["last_logits"], self._gates)]
+        if "past_logits" not in state:
+            raise ValueError(
+                "this checkpoint was written before the budget projection kept several steps of logits: "
+                "delete it (or its run folder) to retrain the run"
+            )
+        self._past_logits = deque(
+            ([logits.to(gate.logits.device) for logits, gate in zip(snapshot, self._gates)] for snapshot in state["past_logits"]),
+            maxlen=self._past_logits.maxlen,
+        )
         if self.budget is not None:
             self.budget.load_state_dict(state["budget"])
             self.budget_rows = list(state["budget_rows"])

@@ -79,6 +79,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0: off
     gate_lr: float = 0.1  # learning rate of the gate logits (HiAP; the `hiap` group's)
     gate_lr_schedule: str = "cosine"  # the gates' rate over the search: cosine (the weights' decay, no warmup) | constant
+    macro_gate_lr_scale: float = 1.0  # the macro gates' (heads, FFN blocks) rate as a multiple of gate_lr
     amp: str = "auto"  # autocast of the forward passes: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | off
     compile: bool = False  # torch.compile the training network (the first steps pay for the compilation)
 
@@ -103,6 +104,7 @@ class HiAPConfig:
     budget_lr: float = 0.1  # budget-exact mode: integral step on log(penalty scale) per unit of overshoot
     budget_gain: float = 2.0  # ... proportional: log(penalty scale) offset per unit of the current overshoot
     budget_deadline: float = 0.7  # ... the projected structure should be on target by this fraction of the search
+    budget_velocity_steps: int = 1  # ... the projection's velocity: the logits' mean step over this many last steps
     budget_tolerance: float = 0.005  # ... final hardened cost further than this (relative): round the least sure gates
     search_fraction: float = 0.5  # the gates search this fraction of the steps, then freeze (1: to the end)
     gate_forward: str = "hard"  # hard: 0/1 sample, straight-through gradient; soft: the relaxed sample
@@ -243,6 +245,7 @@ def _optim_hiap_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("optim.label_smoothing", 0 <= cfg.optim.label_smoothing < 1, "must be in [0, 1)"),
         ("optim.grad_clip", cfg.optim.grad_clip >= 0, "must be >= 0 (0 disables clipping)"),
         ("optim.gate_lr", cfg.optim.gate_lr > 0, "must be > 0"),
+        ("optim.macro_gate_lr_scale", cfg.optim.macro_gate_lr_scale > 0, "must be > 0 (1: the macro gates at gate_lr)"),
         (
             "optim.gate_lr_schedule",
             cfg.optim.gate_lr_schedule in GATE_LR_SCHEDULES,
@@ -299,6 +302,7 @@ def _cost_rules(cfg: RunConfig) -> list[tuple[str, bool, str]]:
         ("hiap.budget_lr", cfg.hiap.budget_lr > 0, "must be > 0"),
         ("hiap.budget_gain", cfg.hiap.budget_gain >= 0, "must be >= 0"),
         ("hiap.budget_deadline", 0 < cfg.hiap.budget_deadline <= 1, "must be in (0, 1]: a fraction of the search"),
+        ("hiap.budget_velocity_steps", cfg.hiap.budget_velocity_steps >= 1, "must be >= 1 (1: the last step's velocity)"),
         ("hiap.budget_tolerance", 0 < cfg.hiap.budget_tolerance <= 0.05, "must be in (0, 0.05]"),
     ]
 
@@ -378,15 +382,16 @@ STAGE_GROUPS = {  # the params.yaml group each method's optimiser settings come 
 }
 SECTIONS = ("data", "model", "optim", "hiap")
 KD_KEYS = ("kd_alpha", "kd_temperature")  # the `hiap` settings every distilled run reads, not only HiAP's
+GATE_OPTIM_FIELDS = ("optim.gate_lr", "optim.gate_lr_schedule", "optim.macro_gate_lr_scale")  # read by HiAP alone
 
 
 def read_by(method: str, field: str) -> bool:
     """Whether a run of `method` reads config `field` (`hiap.lambda_macro`): only HiAP reads the gate settings
-    (`hiap.*` but the KD ones, `optim.gate_lr` and its schedule); dense and the baselines train no gates."""
+    (`hiap.*` but the KD ones, `optim.gate_lr`, its schedule and its macro scale); dense and the baselines train no gates."""
     if method == "hiap":
         return True
     section, _, name = field.partition(".")
-    return field not in ("optim.gate_lr", "optim.gate_lr_schedule") and (section != "hiap" or name in KD_KEYS)
+    return field not in GATE_OPTIM_FIELDS and (section != "hiap" or name in KD_KEYS)
 
 
 _STAGE_DATA_KEYS = ("train_subset", "augment")  # a stage may train on a subset of the shared data

@@ -158,7 +158,7 @@ class Trainer:
         self.model = model.to(dist.device)
         gate_ids = {id(p) for p in gate_parameters(self.model)}
         self.weights = [p for p in self.model.parameters() if id(p) not in gate_ids]
-        groups = param_groups(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.gate_lr)
+        groups = param_groups(self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.gate_lr, cfg.optim.macro_gate_lr_scale)
         for group in groups:
             group["base_lr"] = group["lr"]  # the schedule scales each group's own rate
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)

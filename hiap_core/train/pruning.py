@@ -80,6 +80,7 @@ def make_pruner(cfg: RunConfig, model: nn.Module, total_steps: int) -> Pruner:
             budget_lr=h.budget_lr,
             budget_gain=h.budget_gain,
             budget_deadline=h.budget_deadline,
+            budget_velocity_steps=h.budget_velocity_steps,
             budget_tolerance=h.budget_tolerance,
             search_fraction=h.search_fraction,
             gate_forward=h.gate_forward,

@@ -41,6 +41,10 @@ LEVERS = {
         "hiap.lambda_polarise": 5.0,
         "optim.gate_lr_schedule": "constant",
     },
+    # the two the first rounds left out: a projection over more than one step's velocity, slower macro gates
+    "projection 8 steps": {"hiap.budget_velocity_steps": 8},
+    "macro gates 0.5x": {"optim.macro_gate_lr_scale": 0.5},
+    "projection 8 steps, macro gates 0.5x": {"hiap.budget_velocity_steps": 8, "optim.macro_gate_lr_scale": 0.5},
 }
 
 
