@@ -190,11 +190,9 @@ class Pruner:
         if target is not None:
             fraction = _target_fraction(target, spec, self.costs, self.quotas, lambda_macro, lambda_micro)
             self.budget = BudgetController(fraction, budget_lr, budget_deadline, budget_gain)
-        self.tau = tau0
-        self.settled_step, self._structure = 0, self._hard_structure()
+        self.tau, self.settled_step, self._structure = tau0, 0, self._hard_structure()
         self.closed_at = torch.where(self._structure, -1, 0)  # the step each unit last closed at; -1: open
-        # the budget controller projects the logits' mean velocity over the last `budget_velocity_steps` steps
-        self._past_logits = deque([self._logits()], maxlen=int(budget_velocity_steps))
+        self._past_logits = deque([self._logits()], maxlen=int(budget_velocity_steps))  # the projection's velocity
         self._frozen_penalties = None
 
     def _logits(self) -> list[torch.Tensor]:
