@@ -52,10 +52,11 @@ def param_groups(
     blocks) in a second one at `macro_gate_lr_scale * gate_lr` when that scale is not 1."""
     if not (_finite_number(macro_gate_lr_scale) and macro_gate_lr_scale > 0):
         raise ValueError(f"macro_gate_lr_scale must be a finite number > 0, got {macro_gate_lr_scale!r}")
-    gates = {id(p) for p in gate_parameters(model)}
+    gates = gate_parameters(model)
+    gate_ids = {id(p) for p in gates}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if id(p) in gates or not p.requires_grad:
+        if id(p) in gate_ids or not p.requires_grad:
             continue
         skip = p.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token", "reg_token")
         (no_decay if skip else decay).append(p)
@@ -63,12 +64,12 @@ def param_groups(
     if gates:
         if gate_lr is None:
             raise ValueError("the model is gated: param_groups needs gate_lr, the learning rate of the gate logits")
-        macro = {id(p) for p in macro_gate_parameters(model)} if macro_gate_lr_scale != 1 else set()
-        micro = [p for p in gate_parameters(model) if id(p) not in macro]
+        macro_ids = {id(p) for p in macro_gate_parameters(model)} if macro_gate_lr_scale != 1 else set()
+        micro = [p for p in gates if id(p) not in macro_ids]
+        macro = [p for p in gates if id(p) in macro_ids]
         groups.append({"params": micro, "weight_decay": 0.0, "lr": gate_lr, "gates": True})
         if macro:
-            macro_params = [p for p in gate_parameters(model) if id(p) in macro]
-            groups.append({"params": macro_params, "weight_decay": 0.0, "lr": macro_gate_lr_scale * gate_lr, "gates": True})
+            groups.append({"params": macro, "weight_decay": 0.0, "lr": macro_gate_lr_scale * gate_lr, "gates": True})
     return groups
 
 
