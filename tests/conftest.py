@@ -40,6 +40,20 @@ TINY_VARIANTS = {
 }
 
 
+# The model section of the tiny Fashion-MNIST runs' params (a 2-layer ViT on 28x28 images).
+TINY_FASHION_MODEL = {
+    "name": "custom",
+    "img_size": 28,
+    "patch_size": 7,
+    "in_chans": 1,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "mlp_ratio": 2.0,
+    "num_classes": 10,
+}
+
+
 def make_vit(seed: int = 0, **overrides) -> torch.nn.Module:
     """A small randomly initialised timm ViT with non-trivial biases, norms and embeddings."""
     cfg = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=5)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import gate_states, gated_copy, make_vit
+from conftest import TINY_FASHION_MODEL, gate_states, gated_copy, make_vit
 from hypothesis import given, strategies as st
 
 import hiap_core
@@ -17,17 +17,7 @@ from hiap_core.train.config import ConfigError, config_from_params
 
 TINY = {
     "data": {"dataset": "fashion_mnist", "train_subset": 256, "test_subset": 128},
-    "model": {
-        "name": "custom",
-        "img_size": 28,
-        "patch_size": 7,
-        "in_chans": 1,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
-        "mlp_ratio": 2.0,
-        "num_classes": 10,
-    },
+    "model": TINY_FASHION_MODEL,
     "hiap": {"epochs": 1, "batch_size": 64, "min_heads": 1, "min_value_fraction": 0.125},
 }
 

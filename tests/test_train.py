@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import needs_cuda
+from conftest import TINY_FASHION_MODEL, needs_cuda
 from safetensors.torch import load_file
 
 import hiap_core
@@ -21,17 +21,7 @@ from hiap_core.train.config import ConfigError, RunConfig, apply_overrides, conf
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "data": {"dataset": "fashion_mnist", "val_size": 128, "train_subset": 384, "test_subset": 128},
-    "model": {
-        "name": "custom",
-        "img_size": 28,
-        "patch_size": 7,
-        "in_chans": 1,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
-        "mlp_ratio": 2.0,
-        "num_classes": 10,
-    },
+    "model": TINY_FASHION_MODEL,
     "dense": {"epochs": 2, "batch_size": 64, "lr": 0.002, "warmup_epochs": 0.5},
     "hiap": {"epochs": 3, "batch_size": 64, "lr": 0.001, "lambda_macro": 2.0, "lambda_micro": 1.0, "gate_lr": 0.2},
     "baselines": {"epochs": 1, "batch_size": 64, "lr": 0.001},
